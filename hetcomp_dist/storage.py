@@ -1,0 +1,266 @@
+"""The one storage seam: every location is a URI (a plain path, ``file://...`` or ``s3://bucket/prefix``).
+
+An *output* is a directory-like prefix holding data parts and, written last, ``MANIFEST.json``
+(parts with row counts, bytes and sha256, the producing config, package versions). A reader
+trusts an output only through its manifest, so a crashed or killed writer leaves nothing
+visible: opening an output first deletes any old manifest, and a failed write removes its parts.
+
+S3 endpoint (MinIO, moto, ...): ``configure(endpoint_url=...)`` or the standard
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` environment variables; credentials and region
+come from the usual AWS variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "MANIFEST.json"
+_S3_OPTIONS: dict[str, Any] = {}
+_VERSIONED = ("hetcomp_dist", "torch", "torchrec", "fbgemm_gpu-cpu", "fbgemm-gpu", "ray", "pyarrow", "s3fs", "numpy")
+
+
+class StorageError(RuntimeError):
+    """A location is missing, incomplete (no manifest) or fails verification."""
+
+
+def configure(endpoint_url: str | None = None, **s3_options: Any) -> None:
+    """Set S3 options for this process (endpoint for S3-compatible servers, anon, key, ...)."""
+    _S3_OPTIONS.clear()
+    if endpoint_url:
+        _S3_OPTIONS["client_kwargs"] = {"endpoint_url": endpoint_url}
+    _S3_OPTIONS.update(s3_options)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem for ``uri`` and the path inside it."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        options = dict(_S3_OPTIONS)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "client_kwargs" not in options:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        # skip_instance_cache: endpoints may change between tests/configs within one process.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+        return fs, uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r} (use a path, file:// or s3://)")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+
+
+def join(uri: str, *names: str) -> str:
+    """Join URI parts with '/', for any scheme."""
+    return "/".join([str(uri).rstrip("/"), *[n.strip("/") for n in names]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def is_complete(uri: str) -> bool:
+    """True when the output at ``uri`` has its manifest (it finished writing)."""
+    return exists(join(uri, MANIFEST))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: Any):
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._raw.write(view)
+        self.sha256.update(view)
+        self.nbytes += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+@dataclass
+class Output:
+    """Writer for one output location; obtain it from :func:`open_output`."""
+
+    uri: str
+    kind: str
+    config: dict[str, Any]
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def open_part(self, name: str) -> Iterator[_HashingFile]:
+        """Open part ``name`` (a relative path) for binary writing; recorded in the manifest on close."""
+        if name in self.parts or name == MANIFEST:
+            raise StorageError(f"part {name!r} written twice to {self.uri}")
+        fs, path = filesystem(join(self.uri, name))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.parts[name] = {"rows": None}  # reserved now so a failure still cleans it up
+        with fs.open(path, "wb") as raw:
+            hashed = _HashingFile(raw)
+            yield hashed
+        self.parts[name].update(bytes=hashed.nbytes, sha256=hashed.sha256.hexdigest())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open_part(name) as f:
+            f.write(data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def parquet_writer(self, name: str, schema: pa.Schema, **options: Any) -> Iterator[pq.ParquetWriter]:
+        """Stream record batches / tables into one Parquet part (one row group per write_table call)."""
+        with self.open_part(name) as f:
+            writer = pq.ParquetWriter(f, schema, **options)
+            try:
+                yield writer
+            finally:
+                writer.close()
+        self.parts[name]["rows"] = _parquet_rows(join(self.uri, name))
+
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        with self.parquet_writer(name, table.schema) as writer:
+            writer.write_table(table, row_group_size=row_group_size)
+
+    def _commit(self) -> dict[str, Any]:
+        manifest = {
+            "kind": self.kind,
+            "format_version": 1,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "parts": self.parts,
+            "config": self.config,
+            "versions": package_versions(),
+            **self.extra,
+        }
+        fs, path = filesystem(join(self.uri, MANIFEST))
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fs.mv(tmp, path)  # an atomic rename locally; on S3 the final PUT/copy is atomic per object
+        return manifest
+
+    def _abort(self) -> None:
+        for name in self.parts:
+            fs, path = filesystem(join(self.uri, name))
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm(path)
+
+
+def _parquet_rows(uri: str) -> int:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+@contextlib.contextmanager
+def open_output(uri: str, kind: str, config: dict[str, Any] | None = None) -> Iterator[Output]:
+    """Write an output at ``uri``: parts inside the block, the manifest only if the block succeeds.
+
+    An existing manifest is removed first, so readers never mix an old manifest with new parts.
+    Put extra manifest fields in ``out.extra``.
+    """
+    fs, path = filesystem(join(uri, MANIFEST))
+    if fs.exists(path):
+        fs.rm(path)
+    out = Output(uri=str(uri), kind=kind, config=dict(config or {}))
+    try:
+        yield out
+    except BaseException:
+        out._abort()
+        raise
+    out._commit()
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a complete output; StorageError naming the location if absent or unreadable."""
+    fs, path = filesystem(join(uri, MANIFEST))
+    try:
+        with fs.open(path, "rb") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no {MANIFEST} (output missing or not completely written)") from None
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{join(uri, MANIFEST)}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict):
+        raise StorageError(f"{join(uri, MANIFEST)}: no 'parts' object")
+    return manifest
+
+
+def _part_entry(uri: str, name: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    manifest = manifest or read_manifest(uri)
+    if name not in manifest["parts"]:
+        raise StorageError(f"{uri}: part {name!r} is not in the manifest")
+    return manifest["parts"][name]
+
+
+def read_bytes(uri: str, name: str, manifest: dict[str, Any] | None = None) -> bytes:
+    """Read a whole part and check its size and sha256 against the manifest."""
+    entry = _part_entry(uri, name, manifest)
+    fs, path = filesystem(join(uri, name))
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{join(uri, name)}: listed in the manifest but missing") from None
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise StorageError(f"{join(uri, name)}: content does not match the manifest (corrupt or overwritten)")
+    return data
+
+
+def read_json(uri: str, name: str, manifest: dict[str, Any] | None = None) -> Any:
+    return json.loads(read_bytes(uri, name, manifest))
+
+
+def read_table(uri: str, name: str, columns: list[str] | None = None,
+               manifest: dict[str, Any] | None = None) -> pa.Table:
+    """Read a whole Parquet part, verified against the manifest."""
+    return pq.read_table(pa.BufferReader(read_bytes(uri, name, manifest)), columns=columns)
+
+
+@contextlib.contextmanager
+def parquet_file(uri: str, name: str, manifest: dict[str, Any] | None = None) -> Iterator[pq.ParquetFile]:
+    """Open a Parquet part for partial reads (row groups); checks the size, not the sha256."""
+    entry = _part_entry(uri, name, manifest)
+    fs, path = filesystem(join(uri, name))
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise StorageError(f"{join(uri, name)}: listed in the manifest but missing") from None
+    if size != entry["bytes"]:
+        raise StorageError(f"{join(uri, name)}: {size} bytes, manifest says {entry['bytes']}")
+    with fs.open(path, "rb") as f:
+        yield pq.ParquetFile(f)

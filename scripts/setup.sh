@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root with the exact pinned stack, then install this package.
+# Usage: bash scripts/setup.sh [--gpu]
+# Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gpu=0
+if [[ "${1:-}" == "--gpu" ]]; then gpu=1; fi
+
+py=$(command -v python3.11 || command -v python3)
+"$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version}"'
+[[ -x .venv/bin/python ]] || "$py" -m venv .venv
+# The lock holds every package at an exact version; --no-deps stops torchrec's metadata from
+# pulling the CUDA fbgemm-gpu (and a CUDA torch) onto CPU hosts.
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if [[ $gpu == 0 ]]; then
+  "${pip[@]}" --no-deps -r requirements/cpu.lock
+else
+  # GPU hosts: the same lock without the CPU torch/fbgemm pair, then the CUDA pair with its
+  # nvidia-* runtime wheels (resolved by pip; fbgemm-gpu 1.8.0 is built for torch 2.13 only).
+  grep -vE '^(torch|fbgemm_gpu-cpu)==' requirements/cpu.lock > .venv/gpu-rest.lock
+  "${pip[@]}" --no-deps -r .venv/gpu-rest.lock
+  "${pip[@]}" torch==2.13.0 fbgemm-gpu==1.8.0
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+.venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray, pyarrow, s3fs; print(f"stack ok: torch {torch.__version__}, torchrec, ray {ray.__version__}, pyarrow {pyarrow.__version__}")'
