@@ -85,9 +85,13 @@ class Dataset:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         return getattr(self, name)
 
-    def eval_users(self, split: str) -> np.ndarray:
-        """Users with at least one ground-truth item in ``split`` (int64)."""
-        return np.flatnonzero(self.split(split).counts() > 0)
+    def eval_users(self) -> np.ndarray:
+        """Evaluated users (int64): those with at least one valid AND one test item.
+
+        The HetComp protocol's rule (ALGORITHM.md §2), used for valid and test alike so that model
+        selection and the reported test numbers are over the same users.
+        """
+        return np.flatnonzero((self.valid.counts() > 0) & (self.test.counts() > 0))
 
 
 def load_dataset(uri: str) -> Dataset:
