@@ -110,9 +110,17 @@ def read_lightgcn(uri: str) -> Iterator[pa.RecordBatch]:
 def _csv_batches(uri: str, delimiter: str, names: dict[str, str], header_line: int,
                  types: dict[str, pa.DataType]) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Stream a delimited file, selecting and renaming ``names`` (output -> input column)."""
-    def on_invalid(row: pcsv.InvalidRow) -> str:
-        where = f"line {row.number}" if row.number is not None else "a line"
-        raise DataError(f"{uri}, {where}: expected {row.expected_columns} fields, found {row.actual_columns}")
+    invalid: list[pcsv.InvalidRow] = []
+
+    def on_invalid(row: pcsv.InvalidRow) -> str:  # pyarrow swallows exceptions raised here
+        invalid.append(row)
+        return "skip"
+
+    def check_invalid() -> None:
+        if invalid:
+            row = invalid[0]
+            where = f"line {row.number}" if row.number is not None else f"a line near {line}"
+            raise DataError(f"{uri}, {where}: expected {row.expected_columns} fields, found {row.actual_columns}")
 
     read = pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False)
     parse = pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid)
@@ -120,26 +128,24 @@ def _csv_batches(uri: str, delimiter: str, names: dict[str, str], header_line: i
                                   column_types={names[k]: t for k, t in types.items() if k in names})
     line = header_line + 1
     with _open(uri) as f:
-        try:
-            reader = pcsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert)
-        except pa.ArrowInvalid as e:
-            raise DataError(f"{uri}: {_missing_column_message(str(e), names)}") from None
+        # Check the header ourselves: a failed open_csv leaves a reader thread that aborts at exit.
+        header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+        for role, column in names.items():
+            if column not in header:
+                raise DataError(f"{uri}, line 1: {role} column {column!r} not in the header {header}")
+        f.seek(0)
+        reader = pcsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert)
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
+                check_invalid()
                 return
             except pa.ArrowInvalid as e:
                 raise DataError(f"{uri}, near line {line}: {e}") from None
+            check_invalid()
             yield line, pa.record_batch([batch.column(src) for src in names.values()], names=list(names))
             line += batch.num_rows
-
-
-def _missing_column_message(error: str, names: dict[str, str]) -> str:
-    for role, column in names.items():
-        if f"'{column}'" in error or f"\"{column}\"" in error:
-            return f"{role} column {column!r} not found in the header"
-    return error
 
 
 def _check_ids(uri: str, first_line: int, batch: pa.RecordBatch, id_type: str) -> pa.RecordBatch:

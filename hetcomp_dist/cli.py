@@ -1,0 +1,93 @@
+"""The ``hetcomp`` command. Each subcommand exits non-zero with a one-line error on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from hetcomp_dist import storage
+from hetcomp_dist.data import prepare as prep
+from hetcomp_dist.data import registry
+from hetcomp_dist.data.formats import FORMATS, Columns, DataError
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="raw interactions -> train/valid/test Parquet with dense ids",
+                       description="Prepare a dataset. NAME_OR_PATH is a registered dataset "
+                       f"({', '.join(sorted(registry.REGISTRY))}), a file, or a directory holding "
+                       "train.txt/test.txt or users.dat; any path may be a file:// or s3:// URI.")
+    p.add_argument("source", metavar="NAME_OR_PATH")
+    p.add_argument("--out", required=True, metavar="URI", help="output location (path, file://, s3://)")
+    p.add_argument("--protocol", choices=prep.PROTOCOLS, help="split protocol (default: the dataset's)")
+    p.add_argument("--format", choices=FORMATS, help="input format (default: from the registry or file name)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-user-items", type=int)
+    p.add_argument("--valid-fraction", type=float)
+    p.add_argument("--test-fraction", type=float)
+    p.add_argument("--rating-threshold", type=float, help="keep interactions with rating >= this")
+    p.add_argument("--keep-unseen", action="store_true", help="keep valid/test items that never occur in train")
+    p.add_argument("--user-col", default="user")
+    p.add_argument("--item-col", default="item")
+    p.add_argument("--time-col", help="timestamp column (csv/parquet)")
+    p.add_argument("--rating-col", help="rating column (csv/parquet)")
+    p.add_argument("--id-type", choices=("int", "str"), help="ids are integers (checked) or string tokens")
+    p.add_argument("--delimiter", default=",", help="csv field delimiter (use '\\t' for TSV)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    options = dict(seed=args.seed, min_user_items=args.min_user_items, valid_fraction=args.valid_fraction,
+                   test_fraction=args.test_fraction, rating_threshold=args.rating_threshold)
+    if args.keep_unseen:
+        options["drop_unseen"] = False
+    columns = Columns(args.user_col, args.item_col, args.time_col, args.rating_col)
+    delimiter = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
+    meta = prep.prepare(args.source, args.out, args.protocol, args.format, columns, args.id_type, delimiter,
+                        progress=not args.quiet, **options)
+    print(prep.describe(meta))
+    print(f"written to {args.out}")
+
+
+def _datasets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datasets", help="list registered datasets; --counts prepares each and prints its counts")
+    p.add_argument("--counts", action="store_true", help="prepare each available dataset (default protocol) and print counts")
+    p.set_defaults(func=_cmd_datasets)
+
+
+def _cmd_datasets(args: argparse.Namespace) -> None:
+    for name, spec in sorted(registry.REGISTRY.items()):
+        print(f"{name:12s} format={spec.format:9s} protocol={spec.protocol:15s} {spec.note}")
+        if args.counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                print("  ", prep.describe(prep.prepare(name, tmp, progress=False)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetcomp", description="Distil a heterogeneous recommender ensemble (HetComp).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prepare_parser(sub)
+    _datasets_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "endpoint_url", None):
+        storage.configure(endpoint_url=args.endpoint_url)
+    try:
+        args.func(args)
+    except (DataError, storage.StorageError) as e:
+        print(f"hetcomp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
