@@ -168,6 +168,7 @@ class Output:
         }
         fs, path = filesystem(join(self.uri, MANIFEST))
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # an output with no parts has no folder yet
         with fs.open(tmp, "wb") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         fs.mv(tmp, path)  # an atomic rename locally; on S3 the final PUT/copy is atomic per object

@@ -124,7 +124,7 @@ def _csv_batches(uri: str, delimiter: str, names: dict[str, str], header_line: i
 
     read = pcsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False)
     parse = pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid)
-    convert = pcsv.ConvertOptions(include_columns=list(names.values()),
+    convert = pcsv.ConvertOptions(include_columns=list(names.values()), strings_can_be_null=True,
                                   column_types={names[k]: t for k, t in types.items() if k in names})
     line = header_line + 1
     with _open(uri) as f:

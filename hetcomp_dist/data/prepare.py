@@ -225,8 +225,8 @@ def split(raw: Raw, protocol: Protocol) -> dict[str, Any]:
     has = {name: np.bincount(user[label == s], minlength=n_users) > 0 for name, s in (("valid", VALID), ("test", TEST))}
     evaluable = {name: int(h.sum()) for name, h in has.items()}
     evaluable["valid_and_test"] = int((has["valid"] & has["test"]).sum())
-    if evaluable["test"] == 0:
-        raise DataError(f"protocol {protocol.name} leaves no evaluable user (no user has a test item)")
+    if evaluable["valid_and_test"] == 0:
+        raise DataError(f"protocol {protocol.name} leaves no evaluable user (none has both a valid and a test item)")
     return dict(user=user, item=item, label=label, n_users=n_users, n_items=n_items,
                 n_interactions=n_interactions, evaluable=evaluable,
                 user_ids=raw.user_ids.filter(pa.array(kept_user)),
