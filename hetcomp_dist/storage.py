@@ -52,8 +52,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "client_kwargs" not in options:
             options["client_kwargs"] = {"endpoint_url": endpoint}
-        # skip_instance_cache: endpoints may change between tests/configs within one process.
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+        # fsspec caches instances by these options, so a changed endpoint gets a new client; no
+        # listings cache, since other processes write the same prefixes (manifests must be seen).
+        fs = fsspec.filesystem("s3", use_listings_cache=False, **options)
         return fs, uri[len("s3://"):].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"unsupported URI scheme in {uri!r} (use a path, file:// or s3://)")
