@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv (scripts/setup.sh) and run both test tiers: fast, then integration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The shared public datasets beside the checkout serve as the local mirror (no downloads).
+export HETCOMP_DATASETS_DIR="${HETCOMP_DATASETS_DIR:-$(cd .. && pwd)/shared/datasets}"
+.venv/bin/python -m pytest "$@"
+set +e
+.venv/bin/python -m pytest -m integration "$@"
+rc=$?
+set -e
+# 5 = no integration test collected (none selected): not a failure of the suite.
+if [[ $rc -ne 0 && $rc -ne 5 ]]; then exit $rc; fi
