@@ -1,0 +1,58 @@
+"""Strict typed config loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from hetcomp_dist.config import ConfigError, load
+
+
+@dataclass
+class Opt:
+    lr: float = 1e-3
+    kind: Literal["adam", "sgd"] = "adam"
+
+
+@dataclass
+class Run:
+    name: str
+    epochs: int = 10
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    opt: Opt = field(default_factory=Opt)
+    out: str | None = None
+
+
+def test_load_yaml_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: demo\nepochs: 3\nopt:\n  lr: 1\n")
+    run = load(Run, path, ["opt.kind=sgd", "ks=[5, 50]", "out=s3://b/p"])
+    assert run == Run(name="demo", epochs=3, ks=[5, 50], opt=Opt(lr=1.0, kind="sgd"), out="s3://b/p")
+
+
+def test_unknown_key_names_file_and_path(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: demo\nopt:\n  lr: 0.1\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml\.opt: unknown key\(s\) momentum for Opt"):
+        load(Run, path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=ten", r"config\.epochs: expected int, got 'ten'"),
+    ("epochs=true", r"config\.epochs: expected int, got True"),
+    ("opt.kind=rmsprop", r"config\.opt\.kind: 'rmsprop' is not one of"),
+    ("ks=[1, x]", r"config\.ks\[1\]: expected int"),
+    ("epochs", r"expected key\.path=value"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(Run, None, ["name=x", override])
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key\\(s\\) name"):
+        load(Run, None, [])
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load(Run, tmp_path / "nope.yaml")
