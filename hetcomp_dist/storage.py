@@ -158,28 +158,73 @@ class Output:
             writer.write_table(table, row_group_size=row_group_size)
 
     def _commit(self) -> dict[str, Any]:
-        manifest = {
-            "kind": self.kind,
-            "format_version": 1,
-            "created": datetime.now(timezone.utc).isoformat(),
-            "parts": self.parts,
-            "config": self.config,
-            "versions": package_versions(),
-            **self.extra,
-        }
-        fs, path = filesystem(join(self.uri, MANIFEST))
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # an output with no parts has no folder yet
-        with fs.open(tmp, "wb") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-        fs.mv(tmp, path)  # an atomic rename locally; on S3 the final PUT/copy is atomic per object
-        return manifest
+        return commit_manifest(self.uri, self.kind, self.parts, self.config, self.extra)
 
     def _abort(self) -> None:
         for name in self.parts:
             fs, path = filesystem(join(self.uri, name))
             with contextlib.suppress(FileNotFoundError, OSError):
                 fs.rm(path)
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Write a small object so that readers see the old content or the new, never a partial one.
+
+    Writes a temporary sibling, then renames it (atomic locally; on S3 the final copy is atomic per object).
+    """
+    fs, path = filesystem(uri)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.rm(tmp)
+        raise
+
+
+def commit_manifest(uri: str, kind: str, parts: dict[str, dict[str, Any]],
+                    config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``uri/MANIFEST.json`` atomically (the same fields as :func:`open_output` writes); return it.
+
+    For writers whose parts outlive one ``open_output`` block (e.g. written by :func:`write_part`
+    over a long run): call it last, once every listed part is complete.
+    """
+    manifest = {
+        "kind": kind,
+        "format_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "parts": parts,
+        "config": dict(config or {}),
+        "versions": package_versions(),
+        **(extra or {}),
+    }
+    write_atomic(join(uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+@contextlib.contextmanager
+def write_part(uri: str, name: str) -> Iterator[_HashingFile]:
+    """Stream one part to ``uri/name`` outside :func:`open_output` (binary, hashed while written).
+
+    If the block raises, the (partial) object is removed and the exception propagates. After the
+    block, the yielded file's ``entry`` attribute is its manifest entry: ``{"bytes", "sha256"}``.
+    """
+    if name == MANIFEST:
+        raise StorageError(f"{uri}: {MANIFEST} is not a part")
+    fs, path = filesystem(join(uri, name))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with fs.open(path, "wb") as raw:
+            hashed = _HashingFile(raw)
+            yield hashed
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.rm(path)
+        raise
+    hashed.entry = {"bytes": hashed.nbytes, "sha256": hashed.sha256.hexdigest()}
 
 
 def _parquet_rows(uri: str) -> int:
@@ -215,7 +260,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
             manifest = json.loads(f.read())
     except FileNotFoundError:
         raise StorageError(f"{uri}: no {MANIFEST} (output missing or not completely written)") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StorageError(f"{join(uri, MANIFEST)}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), dict):
         raise StorageError(f"{join(uri, MANIFEST)}: no 'parts' object")

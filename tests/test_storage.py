@@ -394,11 +394,12 @@ def test_configure_endpoint_overrides_environment(s3_server, s3_bucket, monkeypa
 # ----------------------------------------------------------------------------- killed writer
 
 _SLOW_WRITER = r"""
-import sys, time
+import os, sys, time
 import pyarrow as pa
 from hetcomp_dist import storage
 
 uri = sys.argv[1]
+parent, deadline = os.getppid(), time.monotonic() + 60
 schema = pa.schema([("i", pa.int64()), ("payload", pa.binary())])
 with storage.open_output(uri, "killed", {"slow": True}) as out:
     out.write_bytes("first.bin", b"x" * 1_000_000)
@@ -408,6 +409,8 @@ with storage.open_output(uri, "killed", {"slow": True}) as out:
                                     "payload": [bytes(256)] * 1000}, schema=schema))
             if k == 3:
                 print("MIDWAY", flush=True)
+            if os.getppid() != parent or time.monotonic() > deadline:
+                raise SystemExit("orphaned or never killed: aborting")  # never outlive the test
             time.sleep(0.02)
 print("DONE", flush=True)
 """
