@@ -1,0 +1,65 @@
+"""Embedding tables for every model family: one TorchRec EmbeddingBagCollection per model.
+
+A bag holding one id is a plain row lookup, and that form shards with every TorchRec
+sharding type (DESIGN.md), so models stay single-device code that DistributedModelParallel
+can shard later. Bags with several ids (a user's items, weighted) serve autoencoder inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+
+class Tables(nn.Module):
+    """Named tables ``{name: (rows, dim)}``; each table is looked up by the feature of the same name.
+
+    Args:
+        shapes: table name -> (number of rows, embedding dimension).
+        init_std: rows start as N(0, init_std^2) (TorchRec's default init is uniform and large).
+        device: ``torch.device("meta")`` builds without memory, for sharding.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], init_std: float = 0.1,
+                 device: torch.device | None = None):
+        super().__init__()
+        self.names = list(shapes)
+        configs = [EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=[n],
+                                      pooling=PoolingType.SUM, init_fn=_normal(init_std))
+                   for n, (r, d) in shapes.items()]
+        self.ebc = EmbeddingBagCollection(tables=configs, device=device or torch.device("cpu"))
+
+    def forward(self, **ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Look up one row per id: ``tables(user=u, item=i)`` -> {"user": B x d, "item": B' x d}."""
+        # A KJT has one batch size for all keys: shorter id lists are padded with empty bags.
+        stride = max(len(v) for v in ids.values())
+        lengths = torch.zeros(len(self.names), stride, dtype=torch.int32)
+        for k, n in enumerate(self.names):
+            lengths[k, :len(ids.get(n, ()))] = 1
+        values = torch.cat([ids[n].long() for n in self.names if n in ids])
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.names, values=values, lengths=lengths.flatten())
+        out = self.ebc(kjt).to_dict()
+        return {n: out[n][:len(v)] for n, v in ids.items()}
+
+    def bags(self, name: str, ids: torch.Tensor, lengths: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of rows per bag: table ``name``, bags given by ``lengths`` (B) -> B x d."""
+        keys = self.names
+        all_lengths = torch.cat([lengths.int() if n == name else torch.zeros(len(lengths), dtype=torch.int32)
+                                 for n in keys])
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=ids.long(), lengths=all_lengths,
+            weights=None if weights is None else weights.float())
+        return self.ebc(kjt).to_dict()[name]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The whole table ``name`` (rows x d) of an unsharded model, for full-item scoring."""
+        return self.ebc.embedding_bags[name].weight
+
+
+def _normal(std: float):
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return weight.normal_(0.0, std)
+    return init

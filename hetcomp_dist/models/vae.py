@@ -1,0 +1,85 @@
+"""Mult-VAE (Liang et al. 2018): a user's interaction vector in, a multinomial over items out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.models import sampling
+from hetcomp_dist.models.base import register
+from hetcomp_dist.models.tables import Tables
+
+
+def bag_inputs(train: Interactions, rows: torch.Tensor, dropout: float, training: bool,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The L2-normalised binary vectors of ``rows`` as weighted bags, with input dropout.
+
+    Returns (ids, lengths, weights, (row, id) pairs of the full input for the likelihood).
+    """
+    row, ids = train.rows(rows.numpy())
+    row, ids = torch.from_numpy(row), torch.from_numpy(ids.astype("int64"))
+    n = torch.bincount(row, minlength=len(rows)).clamp(min=1).float()
+    weights = n[row].rsqrt()
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    if training and dropout > 0:
+        keep = torch.rand(len(ids), generator=generator) >= dropout
+        weights = weights / (1 - dropout)
+    lengths = torch.bincount(row[keep], minlength=len(rows))
+    return ids[keep], lengths, weights[keep], torch.stack([row, ids])
+
+
+@register("multvae")
+class MultVAE(nn.Module):
+    """Encoder: bag of the user's items (a TorchRec table) -> tanh -> (mu, logvar); decoder: z ->
+    [tanh hidden] -> logits over all items (a second item table). Loss: multinomial NLL + beta KL,
+    beta annealed linearly to ``beta_max`` over ``anneal_steps`` updates.
+
+    Args:
+        hidden: encoder width; latent: z size; decoder_hidden: decoder width (0 = z straight to items).
+        dropout: input dropout.
+    """
+
+    def __init__(self, n_users: int, n_items: int, train: Interactions, hidden: int = 600, latent: int = 200,
+                 decoder_hidden: int = 600, dropout: float = 0.5, beta_max: float = 0.2,
+                 anneal_steps: int = 20000, init_std: float = 0.01, device: torch.device | None = None):
+        super().__init__()
+        self.train_data, self.dropout = train, dropout
+        self.beta_max, self.anneal_steps = beta_max, anneal_steps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # in checkpoints: KL annealing resumes
+        out_dim = decoder_hidden or latent
+        self.tables = Tables({"item_in": (n_items, hidden), "item_out": (n_items, out_dim)}, init_std, device)
+        self.in_bias = nn.Parameter(torch.zeros(hidden))
+        self.encoder = nn.Linear(hidden, 2 * latent)
+        self.decoder = nn.Linear(latent, decoder_hidden) if decoder_hidden else None
+        self.out_bias = nn.Parameter(torch.zeros(n_items))
+
+    def batches(self, train, batch_size, rng):
+        return sampling.user_batches(train, batch_size, rng)
+
+    def _encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, lengths, weights, pairs = bag_inputs(self.train_data, users, self.dropout, self.training)
+        h = torch.tanh(self.tables.bags("item_in", ids, lengths, weights) + self.in_bias)
+        mu, logvar = self.encoder(h).chunk(2, dim=-1)
+        return mu, logvar, pairs
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.decoder(z)) if self.decoder is not None else z
+        return h @ self.tables.weight("item_out").T + self.out_bias
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mu, logvar, (row, item) = self._encode(batch["user"])
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        log_p = F.log_softmax(self._logits(z), dim=-1)
+        nll = -log_p[row, item].sum() / len(mu)
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
+        beta = min(self.beta_max, self.steps.item() / self.anneal_steps)
+        self.steps += 1
+        return nll + beta * kl
+
+    def scorer(self):
+        return lambda users: self._logits(self._encode(users)[0])
+
+    def after_step(self) -> None:
+        pass

@@ -1,0 +1,196 @@
+"""Train one teacher: the flat loop, with valid evaluation, trajectory snapshots and checkpoints.
+
+Resumable: each evaluation writes the snapshot, then a checkpoint (model, optimiser, loop state)
+under ``<teacher>/checkpoints/epoch-N``; a restarted run loads the newest complete checkpoint and
+the trajectory writer drops snapshots taken after it, so the trajectory has no duplicates.
+Batches are drawn from an RNG seeded by (seed, epoch), so a resumed epoch sees the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from hetcomp_dist import models, storage
+from hetcomp_dist.data.dataset import Interactions, load_dataset
+from hetcomp_dist.evaluate import evaluate_split, topk_items
+from hetcomp_dist.teachers.trajectory import TrajectoryWriter
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher. ``model`` is a registry name; ``params`` its hyper-parameters (checked)."""
+
+    name: str
+    model: str
+    params: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 4096
+    max_epochs: int = 200
+    eval_every: int = 5
+    patience: int = 5             # evaluations without improvement of select_metric
+    select_metric: str = "recall@20"
+    seed: int = 0
+    threads: int = 1              # torch intra-op threads
+    cpus: float = 1.0             # Ray resources of the teacher's actor
+    gpus: float = 0.0
+
+
+@dataclass
+class TrajectoryConfig:
+    k: int = 100
+    fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
+    observed_k: int = 100
+
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def teacher_uri(run: str, name: str) -> str:
+    return storage.join(run, "teachers", name)
+
+
+def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: TrajectoryConfig = TrajectoryConfig(),
+                  ks: tuple[int, ...] = (10, 20, 50), eval_batch_size: int = 1024,
+                  report: Report = lambda event: None) -> dict[str, Any]:
+    """Train ``cfg`` on the dataset at ``dataset_uri``; write its trajectory and checkpoints under ``out``.
+
+    Returns a summary: best epoch, valid metrics at it, test metrics of the best model, timings.
+    """
+    torch.set_num_threads(cfg.threads)
+    data = load_dataset(dataset_uri)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    eval_users = data.eval_users()
+
+    state = _latest_checkpoint(out)
+    traj_uri = storage.join(out, "trajectory")
+    traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
+                     observed_k=trajectory.observed_k)
+    if state is None:
+        loop = {"epoch": 0, "best_epoch": 0, "best": -1.0, "bad_evals": 0, "train_seconds": 0.0}
+        best_model = None
+        writer = TrajectoryWriter(traj_uri, **traj_args, config=asdict(cfg), overwrite=True)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loop, best_model = state["loop"], state["best_model"]
+        writer = TrajectoryWriter.resume(traj_uri, loop["epoch"], **traj_args, config=asdict(cfg))
+        report({"teacher": cfg.name, "event": "resumed", "epoch": loop["epoch"]})
+
+    for epoch in range(loop["epoch"] + 1, cfg.max_epochs + 1):
+        model.train()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        start, total, n = time.perf_counter(), 0.0, 0
+        for batch in model.batches(data.train, cfg.batch_size, rng):
+            loss = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.after_step()
+            total, n = total + loss.item(), n + 1
+        loop["train_seconds"] += time.perf_counter() - start
+        event = {"teacher": cfg.name, "event": "epoch", "epoch": epoch, "loss": total / max(n, 1),
+                 "epoch_seconds": time.perf_counter() - start}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            model.eval()
+            with torch.no_grad():
+                scorer = model.scorer()
+                metrics = evaluate_split(scorer, data, "valid", ks, eval_batch_size, users=eval_users)
+                writer.write_snapshot(epoch, metrics, _snapshot_batches(scorer, data.train, trajectory.k, eval_batch_size))
+            value = metrics[cfg.select_metric]
+            if value > loop["best"]:
+                loop.update(best=value, best_epoch=epoch, bad_evals=0)
+                best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                loop["bad_evals"] += 1
+            loop["epoch"] = epoch
+            _save_checkpoint(out, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "loop": dict(loop), "best_model": best_model})
+            event.update(valid=value, best=loop["best"], best_epoch=loop["best_epoch"])
+            report(event)
+            if loop["bad_evals"] >= cfg.patience:
+                break
+        else:
+            report(event)
+
+    model.load_state_dict(best_model)
+    model.eval()
+    with torch.no_grad():
+        scorer = model.scorer()
+        test = evaluate_split(scorer, data, "test", ks, eval_batch_size, users=eval_users)
+        valid = evaluate_split(scorer, data, "valid", ks, eval_batch_size, users=eval_users)
+        summary = {"teacher": cfg.name, "model": cfg.model, "best_epoch": loop["best_epoch"],
+                   "epochs_trained": loop["epoch"], "train_seconds": loop["train_seconds"],
+                   "valid": valid, "test": test}
+        writer.finish(_observed_batches(scorer, data.train, trajectory.observed_k, eval_batch_size),
+                      trajectory.fractions, cfg.select_metric, extra={"summary": summary})
+    report({"teacher": cfg.name, "event": "done", **summary})
+    return summary
+
+
+def _snapshot_batches(scorer, train: Interactions, k: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every user's top-k unobserved (non-train) items, in user batches."""
+    for start in range(0, train.n_users, batch_size):
+        users = np.arange(start, min(start + batch_size, train.n_users))
+        yield users, topk_items(scorer, train, users, k, batch_size)
+
+
+def _observed_batches(scorer, train: Interactions, width: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each user's train items in the model's rank order (best first), at most ``width``, padded with -1."""
+    counts = train.counts()
+    for start in range(0, train.n_users, batch_size):
+        users = np.arange(start, min(start + batch_size, train.n_users))
+        row, items = train.rows(users)
+        longest = int(counts[users].max(initial=0))
+        grid = np.full((len(users), max(longest, 1)), -1, dtype=np.int64)
+        col = np.arange(len(row)) - np.repeat(np.cumsum(counts[users]) - counts[users], counts[users])
+        grid[row, col] = items
+        scores = scorer(torch.from_numpy(users)).float()
+        picked = torch.gather(scores, 1, torch.from_numpy(np.maximum(grid, 0)))
+        picked[torch.from_numpy(grid < 0)] = -torch.inf
+        order = torch.argsort(picked, dim=1, descending=True, stable=True).numpy()
+        ranked = np.take_along_axis(grid, order, axis=1)[:, :width]
+        yield users, ranked.astype(np.int32)
+
+
+def _checkpoint_uri(out: str, epoch: int) -> str:
+    return storage.join(out, "checkpoints", f"epoch-{epoch:06d}")
+
+
+def _save_checkpoint(out: str, epoch: int, state: dict[str, Any]) -> None:
+    """Write the checkpoint of ``epoch`` (complete once its manifest exists), then drop older ones."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with storage.open_output(_checkpoint_uri(out, epoch), kind="teacher-checkpoint", config={"epoch": epoch}) as o:
+        o.write_bytes("state.pt", buffer.getvalue())
+    for older in _checkpoint_epochs(out):
+        if older < epoch:
+            fs, path = storage.filesystem(_checkpoint_uri(out, older))
+            fs.rm(path, recursive=True)
+
+
+def _checkpoint_epochs(out: str) -> list[int]:
+    fs, path = storage.filesystem(storage.join(out, "checkpoints"))
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("epoch-"))
+
+
+def _latest_checkpoint(out: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint (weights-only load), or None."""
+    for epoch in reversed(_checkpoint_epochs(out)):
+        uri = _checkpoint_uri(out, epoch)
+        if storage.is_complete(uri):
+            return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
+    return None
+
