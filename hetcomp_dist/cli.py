@@ -69,11 +69,64 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
                 print("  ", prep.describe(prep.prepare(name, tmp, progress=False)))
 
 
+def _reference_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reference", help="evaluate reference recommenders (most-popular, item-kNN) on a prepared dataset")
+    p.add_argument("dataset", metavar="DATASET_URI", help="output of `hetcomp prepare`")
+    p.add_argument("--out", metavar="URI", help="write metrics.json (with a manifest) here")
+    p.add_argument("--models", default="mostpop,itemknn", help="comma-separated: mostpop, itemknn, ease")
+    p.add_argument("--ks", default="10,20,50", help="cutoffs")
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_reference)
+
+
+def _cmd_reference(args: argparse.Namespace) -> None:
+    from hetcomp_dist.reference import evaluate_references
+
+    ks = [int(k) for k in args.ks.split(",")]
+    results = evaluate_references(args.dataset, args.models.split(","), ks, out=args.out)
+    print(format_table(results, ks))
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]], ks: list[int]) -> str:
+    """Markdown table: one row per model, test Recall/NDCG@K, popularity lift and coverage at max K."""
+    k = max(ks)
+    head = ["model"] + [f"{m}@{x}" for x in ks for m in ("recall", "ndcg")] + [f"popularity_lift@{k}", f"coverage@{k}", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        t = r["test"]
+        cells = [name] + [f"{t[f'{m}@{x}']:.4f}" for x in ks for m in ("recall", "ndcg")]
+        cells += [f"{t[f'popularity_lift@{k}']:.1f}", f"{t[f'coverage@{k}']:.3f}", f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job end to end on local disk: prepare CiteULike, evaluate reference recommenders")
+    p.add_argument("--dataset", default="citeulike-t", help="registered dataset name or raw path")
+    p.add_argument("--out", default="runs/demo", metavar="URI", help="run location (default: runs/demo)")
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from hetcomp_dist.reference import evaluate_references
+
+    dataset_uri = storage.join(args.out, "dataset")
+    meta = prep.prepare(args.dataset, dataset_uri)
+    print(prep.describe(meta))
+    ks = [10, 20, 50]
+    results = evaluate_references(dataset_uri, ["mostpop", "itemknn"], ks, out=storage.join(args.out, "reference"))
+    print(format_table(results, ks))
+    print(f"run written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetcomp", description="Distil a heterogeneous recommender ensemble (HetComp).")
     sub = parser.add_subparsers(dest="command", required=True)
     _prepare_parser(sub)
     _datasets_parser(sub)
+    _reference_parser(sub)
+    _demo_parser(sub)
     return parser
 
 

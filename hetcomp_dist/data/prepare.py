@@ -130,9 +130,13 @@ class Raw:
     rating: np.ndarray | None = None
 
 
-def read_source(source: Source, progress: bool = True) -> Raw:
-    """Read all files of a source into compact codes (ids hashed per column, then sorted)."""
-    users, items, origin, extra = [], [], [], {"timestamp": [], "rating": []}
+def read_source(source: Source, progress: bool = True, extras: tuple[str, ...] = ("timestamp", "rating")) -> Raw:
+    """Read all files of a source into compact codes (ids hashed per column, then sorted).
+
+    Only the optional columns named in ``extras`` are kept (each costs 8 bytes per row).
+    """
+    users, items, origin = [], [], []
+    extra: dict[str, list[np.ndarray]] = {name: [] for name in extras}
     with tqdm(desc="reading", unit=" rows", disable=not progress or None, unit_scale=True) as bar:
         for role, uri in source.files.items():
             n_before = sum(len(u) for u in users)
@@ -164,59 +168,72 @@ def _codes(chunks: list[pa.Array]) -> tuple[np.ndarray, pa.Array]:
     return codes.to_numpy().astype(np.int32, copy=False), distinct
 
 
-def _group_ranks(group: np.ndarray, tiebreak: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Order rows by group then tiebreak keys; return (order, 0-based rank of each ordered row in its group)."""
-    order = np.lexsort((*tiebreak, group))
-    counts = np.bincount(group)
+def _ranks(user: np.ndarray, order: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """0-based rank of each row of ``order`` within its user, for rows sorted by user first."""
     starts = np.cumsum(counts) - counts
-    return order, np.arange(len(order), dtype=np.int64) - starts[group[order]]
+    return np.arange(len(order), dtype=np.int64) - starts[user[order]]
+
+
+def _dedup(raw: Raw) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Unique (user, item) pairs sorted by user then item, with their timestamp and origin.
+
+    Duplicates keep the train-file row over the test-file one, then the latest timestamp. With no
+    timestamp or origin the pairs are sorted in place as one int64 key (no index arrays), which
+    keeps 50M rows within a few GB.
+    """
+    n_items = len(raw.item_ids)
+    key = raw.user.astype(np.int64) * n_items + raw.item
+    if raw.timestamp is None and raw.origin is None:
+        key.sort()
+        first = np.empty(len(key), dtype=bool)
+        first[0], first[1:] = True, key[1:] != key[:-1]
+        key = key[first]
+        return (key // n_items).astype(np.int32), (key % n_items).astype(np.int32), None, None
+    tiebreak = [x for x in (None if raw.timestamp is None else -raw.timestamp, raw.origin) if x is not None]
+    order = np.lexsort((*tiebreak, key))
+    key = key[order]
+    first = np.empty(len(key), dtype=bool)
+    first[0], first[1:] = True, key[1:] != key[:-1]
+    rows = order[first]
+    pick = (lambda x: None if x is None else x[rows])
+    return raw.user[rows], raw.item[rows], pick(raw.timestamp), pick(raw.origin)
 
 
 def split(raw: Raw, protocol: Protocol) -> dict[str, Any]:
     """Filter, deduplicate, remap and split. Returns users/items (int32), split labels and maps."""
-    keep = np.ones(len(raw.user), dtype=bool)
-    if protocol.rating_threshold is not None:
-        if raw.rating is None:
-            raise DataError("rating_threshold given but the input has no rating column")
-        keep &= raw.rating >= protocol.rating_threshold
     if protocol.name == "leave-last-out" and raw.timestamp is None:
         raise DataError("protocol leave-last-out needs a timestamp column (none in the input)")
     if protocol.name == "given-test" and raw.origin is None:
         raise DataError("protocol given-test needs separate train and test files")
-    rows = np.flatnonzero(keep)
-
-    # Deduplicate (user, item): keep the train-file row over the test-file one, then the latest.
-    n_item_codes = len(raw.item_ids)
-    key = raw.user[rows].astype(np.int64) * n_item_codes + raw.item[rows]
-    tiebreak = []
-    if raw.timestamp is not None:
-        tiebreak.append(-raw.timestamp[rows])
-    if raw.origin is not None:
-        tiebreak.append(raw.origin[rows])
-    order = np.lexsort((*tiebreak, key)) if tiebreak else np.argsort(key, kind="stable")
-    key = key[order]
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    rows = rows[order[first]]
-    del key, order, first
-    user, item = raw.user[rows], raw.item[rows]
-    n_raw_users = len(raw.user_ids)
+    if protocol.rating_threshold is not None:
+        if raw.rating is None:
+            raise DataError("rating_threshold given but the input has no rating column")
+        keep = raw.rating >= protocol.rating_threshold
+        raw = dataclasses.replace(raw, user=raw.user[keep], item=raw.item[keep], rating=None,
+                                  **{k: None if getattr(raw, k) is None else getattr(raw, k)[keep]
+                                     for k in ("timestamp", "origin")})
+        if len(raw.user) == 0:
+            raise DataError(f"no interaction has rating >= {protocol.rating_threshold}")
+    user_ids, item_ids = raw.user_ids, raw.item_ids
+    user, item, timestamp, origin = _dedup(raw)
+    del raw
 
     # Keep users with enough items (one pass), then give dense ids in sorted original-id order.
-    counts = np.bincount(user, minlength=n_raw_users)
+    counts = np.bincount(user, minlength=len(user_ids))
     kept_user = counts >= protocol.min_user_items
-    mask = kept_user[user]
-    rows, user, item = rows[mask], user[mask], item[mask]
-    if len(rows) == 0:
+    if not kept_user.all():
+        mask = kept_user[user]
+        user, item = user[mask], item[mask]
+        timestamp = None if timestamp is None else timestamp[mask]
+        origin = None if origin is None else origin[mask]
+    if len(user) == 0:
         raise DataError(f"no user has >= {protocol.min_user_items} items")
-    user_new = np.cumsum(kept_user, dtype=np.int64) - 1
-    used_item = np.bincount(item, minlength=n_item_codes) > 0
-    item_new = np.cumsum(used_item, dtype=np.int64) - 1
-    user = user_new[user].astype(np.int32)
-    item = item_new[item].astype(np.int32)
+    used_item = np.bincount(item, minlength=len(item_ids)) > 0
+    user = (np.cumsum(kept_user, dtype=np.int64) - 1).astype(np.int32)[user]
+    item = (np.cumsum(used_item, dtype=np.int64) - 1).astype(np.int32)[item]
     n_users, n_items = int(kept_user.sum()), int(used_item.sum())
 
-    label = _labels(raw, rows, user, protocol)
+    label = _labels(user, item, timestamp, origin, protocol)
     n_interactions = len(user)
     if protocol.drop_unseen:
         in_train = np.bincount(item[label == TRAIN], minlength=n_items) > 0
@@ -229,37 +246,40 @@ def split(raw: Raw, protocol: Protocol) -> dict[str, Any]:
         raise DataError(f"protocol {protocol.name} leaves no evaluable user (none has both a valid and a test item)")
     return dict(user=user, item=item, label=label, n_users=n_users, n_items=n_items,
                 n_interactions=n_interactions, evaluable=evaluable,
-                user_ids=raw.user_ids.filter(pa.array(kept_user)),
-                item_ids=raw.item_ids.filter(pa.array(used_item)))
+                user_ids=user_ids.filter(pa.array(kept_user)), item_ids=item_ids.filter(pa.array(used_item)))
 
 
-def _labels(raw: Raw, rows: np.ndarray, user: np.ndarray, protocol: Protocol) -> np.ndarray:
-    """TRAIN / VALID / TEST per row, decided from each row's rank within its user."""
+def _labels(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray | None, origin: np.ndarray | None,
+            protocol: Protocol) -> np.ndarray:
+    """TRAIN / VALID / TEST per row (rows sorted by user), decided from each row's rank within its user."""
     n = len(user)
     label = np.full(n, TRAIN, dtype=np.int8)
     counts = np.bincount(user)
     rng = np.random.default_rng(protocol.seed)
     if protocol.name == "hetcomp":
         # Per user: shuffle, test = first floor(0.2 n), valid = next floor(0.2 n), train = rest.
-        order, rank = _group_ranks(user, [rng.random(n)])
+        # One int64 sort key (user, random 32 bits) shuffles within users without a lexsort.
+        order = np.argsort((user.astype(np.int64) << 32) | rng.integers(0, 1 << 32, n, dtype=np.int64))
+        rank = _ranks(user, order, counts)
         n_test = np.floor(protocol.test_fraction * counts).astype(np.int64)[user[order]]
         n_valid = np.floor(protocol.valid_fraction * counts).astype(np.int64)[user[order]]
         label[order] = np.where(rank < n_test, TEST, np.where(rank < n_test + n_valid, VALID, TRAIN))
     elif protocol.name == "given-test":
         # The test file stays as it is; carve ceil(f * n) of each user's train rows (at least one kept).
-        origin = raw.origin[rows]
         label[origin == TEST] = TEST
         train_rows = np.flatnonzero(origin == TRAIN)
         tu = user[train_rows]
         n_train = np.bincount(tu, minlength=len(counts))
         n_valid = np.minimum(np.ceil(protocol.valid_fraction * n_train), np.maximum(n_train - 1, 0)).astype(np.int64)
-        order, rank = _group_ranks(tu, [rng.random(len(tu))])
+        order = np.lexsort((rng.random(len(tu)), tu))
+        rank = _ranks(tu, order, n_train)
         label[train_rows[order[rank < n_valid[tu[order]]]]] = VALID
     else:
         # leave-last-out: latest -> test, second latest -> valid (users with >= 3 items; 2 -> test only).
-        order, rank = _group_ranks(user, [raw.item[rows], raw.timestamp[rows]])
-        from_end = counts[user[order]] - 1 - rank
+        order = np.lexsort((item, timestamp, user))
+        rank = _ranks(user, order, counts)
         n_u = counts[user[order]]
+        from_end = n_u - 1 - rank
         label[order] = np.where((from_end == 0) & (n_u >= 2), TEST,
                                 np.where((from_end == 1) & (n_u >= 3), VALID, TRAIN))
     return label
@@ -286,7 +306,9 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
     """
     source, default = resolve_source(name_or_path, fmt, columns, id_type, delimiter)
     proto = default_protocol(protocol or default, **protocol_options)
-    raw = read_source(source, progress)
+    extras = tuple(name for name, needed in (("timestamp", proto.name == "leave-last-out"),
+                                             ("rating", proto.rating_threshold is not None)) if needed)
+    raw = read_source(source, progress, extras)
     result = split(raw, proto)
     del raw
     label = result["label"]
@@ -318,8 +340,8 @@ def describe(meta: dict[str, Any]) -> str:
     s = meta["splits"]
     return (f"{meta['source']}: {meta['n_users']:,} users, {meta['n_items']:,} items, "
             f"{meta['n_interactions']:,} interactions; train {s['train']:,} / valid {s['valid']:,} / "
-            f"test {s['test']:,}; evaluable users valid {meta['n_eval_users']['valid']:,}, "
-            f"test {meta['n_eval_users']['test']:,}")
+            f"test {s['test']:,}; evaluated users (a valid and a test item) "
+            f"{meta['n_eval_users']['valid_and_test']:,}")
 
 
 def protocol_fields() -> list[str]:
