@@ -72,7 +72,7 @@ def main() -> None:
             n = int(millions * 1_000_000)
             src = tmp / f"synthetic_{n}.parquet"
             synthetic(src, n)
-            seconds, mb = run_prepare([str(src), "--out", str(tmp / f"out_{n}"), "--time-col", "timestamp"], env)
+            seconds, mb = run_prepare([str(src), "--out", str(tmp / f"out_{n}")], env)
             rows.append((f"synthetic power-law {millions:g}M", n, seconds, mb))
             src.unlink()
     print(f"\n{'input':32s} {'rows':>12s} {'seconds':>9s} {'rows/s':>12s} {'peak RSS MB':>12s}")
