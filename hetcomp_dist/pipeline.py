@@ -1,0 +1,61 @@
+"""The run config shared by the jobs, and the run layout under one URI.
+
+    <run>/dataset/                   prepared dataset (hetcomp prepare)
+    <run>/teachers/<name>/trajectory teacher trajectory (manifest written last)
+    <run>/teachers/<name>/checkpoints/epoch-N
+    <run>/teachers/summary/          all teachers' summaries (manifest)
+
+Each job reads the sections it needs; unknown keys anywhere are errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetcomp_dist import storage
+from hetcomp_dist.data import prepare as prep
+from hetcomp_dist.teachers.train import TeacherConfig, TrajectoryConfig
+
+
+@dataclass
+class DataConfig:
+    source: str                      # registry name or raw path/URI
+    protocol: str | None = None      # default: the source's
+    seed: int = 0
+    format: str | None = None
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None  # S3-compatible endpoint; default from AWS_ENDPOINT_URL(_S3)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None       # None: join a running cluster if RAY_ADDRESS is set, else start locally
+    max_restarts: int = 3            # actor restarts after a crash (each resumes from its checkpoint)
+    num_cpus: int | None = None      # CPUs of a locally started Ray instance
+
+
+@dataclass
+class RunConfig:
+    run: str                         # run URI (path, file://, s3://)
+    data: DataConfig
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    eval_batch_size: int = 1024
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def dataset_uri(self) -> str:
+        return storage.join(self.run, "dataset")
+
+
+def ensure_dataset(cfg: RunConfig, progress: bool = True) -> str:
+    """Prepare the run's dataset unless a complete one is already there; returns its URI."""
+    uri = cfg.dataset_uri
+    if not storage.is_complete(uri):
+        prep.prepare(cfg.data.source, uri, cfg.data.protocol, cfg.data.format, seed=cfg.data.seed, progress=progress)
+    return uri
