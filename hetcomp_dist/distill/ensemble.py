@@ -1,0 +1,60 @@
+"""Ensemble targets from teachers' top-K lists (ALGORITHM.md §4), one user batch at a time.
+
+Rank importance is a function of rank that is zero past K, so the lists carry all of it:
+score_u(i) = sum over teachers of imp(rank of i in that teacher's list for u). The dense
+B x n_items score buffer lives only for one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = -1
+
+
+def rank_importance(k: int, temperature: float = 10.0) -> torch.Tensor:
+    """imp(r) = exp(-r / temperature) for 0-based ranks r < k: float32 [k]."""
+    return torch.exp(-torch.arange(k, dtype=torch.float32) / temperature)
+
+
+def ensemble_scores(lists: torch.Tensor, n_items: int, importance: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed rank importance per item.
+
+    Args:
+        lists: int [B, T, K] item ids per user and teacher, best first, -1 padded.
+        importance: float [K] importance of each rank.
+        weights: optional float [B, T, K] multiplying each entry (e.g. debiasing).
+    Returns:
+        float32 [B, n_items]; items in no list score 0.
+    """
+    b, t, k = lists.shape
+    value = importance[:k].expand(b, t, k).clone() if weights is None else importance[:k] * weights
+    valid = lists >= 0
+    value = torch.where(valid, value, torch.zeros(()))
+    scores = torch.zeros(b, n_items)
+    scores.scatter_add_(1, torch.where(valid, lists, 0).long().reshape(b, -1), value.reshape(b, -1))
+    return scores
+
+
+def ensemble_topk(lists: torch.Tensor, n_items: int, top: int, importance: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ensemble's top ``top`` items per user: int64 [B, top], -1 where fewer items scored > 0."""
+    scores = ensemble_scores(lists, n_items, importance, weights)
+    values, items = torch.topk(scores, min(top, n_items), dim=1)
+    return torch.where(values > 0, items, PAD)
+
+
+class ListScorer:
+    """A full-item scorer (for :mod:`hetcomp_dist.evaluate`) from per-user lists held in memory.
+
+    Args:
+        lists: int [n_users, T, K] (e.g. every teacher's final snapshot).
+    """
+
+    def __init__(self, lists: torch.Tensor, n_items: int, temperature: float = 10.0):
+        self.lists, self.n_items = lists, n_items
+        self.importance = rank_importance(lists.shape[-1], temperature)
+
+    def __call__(self, users: torch.Tensor) -> torch.Tensor:
+        return ensemble_scores(self.lists[users], self.n_items, self.importance)
