@@ -1,0 +1,158 @@
+"""DKC and AKT pieces against direct float64 transcriptions of ALGORITHM.md §5-6 (loops, no tricks)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hetcomp_dist.distill import akt, dkc
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_discrepancy(student: list[int], pi: list[int], k: int = 50) -> float:
+    top = set(x for x in pi[:k] if x >= 0)
+    gain = [(2 ** math.exp(-t / 10) - 1) / math.log2(t + 2) for t in range(k)]
+    dcg = sum(gain[t] for t in range(k) if student[t] in top)
+    return 1 - dcg / sum(gain)
+
+
+def ref_overall(s: np.ndarray, observed: set, p: list, t: list) -> float:
+    n = len(s)
+    tset = set(x for x in t if x >= 0)
+    rest = sum(math.exp(s[j]) for j in range(n) if j not in observed and j not in tset)
+    loss = 0.0
+    for i in [x for x in p if x >= 0] + [x for x in t if x >= 0]:
+        loss -= math.log(math.exp(s[i]) / max(math.exp(s[i]) + rest, 1e-5))
+    return loss
+
+
+def ref_pl(s: np.ndarray, perm: list, rest_items: list) -> float:
+    perm = [x for x in perm if x >= 0]
+    rest = sum(math.exp(s[r]) for r in rest_items)
+    loss = 0.0
+    for k in range(len(perm)):
+        den = sum(math.exp(s[j]) for j in perm[k:]) + rest
+        loss -= math.log(math.exp(s[perm[k]]) / max(den, 1e-5))
+    return loss
+
+
+def ref_ranking(s: np.ndarray, observed: set, p: list, t: list) -> float:
+    n = len(s)
+    t50 = set(x for x in t[:50] if x >= 0)
+    t10 = set(x for x in t[:10] if x >= 0)
+    n_minus_50 = [j for j in range(n) if j not in observed and j not in t50]
+    n_minus_10 = [j for j in range(n) if j not in observed and j not in t10]
+    return ref_pl(s, p, n_minus_50) + 0.5 * (ref_pl(s, t[:50], n_minus_50) + ref_pl(s, t[:10], n_minus_10))
+
+
+# ----------------------------------------------------------------------------- data
+
+def _case(seed: int, b: int = 4, n: int = 120, lp: int = 10, lt: int = 60):
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(-3, 3, (b, n))
+    observed = np.zeros((b, n), dtype=bool)
+    p = np.full((b, lp), -1)
+    t = np.full((b, lt), -1)
+    for u in range(b):
+        perm = rng.permutation(n)
+        n_obs = int(rng.integers(3, 15))
+        obs = perm[:n_obs]
+        observed[u, obs] = True
+        p[u, :min(lp, n_obs)] = obs[:lp]
+        n_t = int(rng.integers(20, lt + 1))
+        t[u, :n_t] = perm[n_obs:n_obs + n_t]
+    return scores, observed, p, t
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_discrepancy_matches_reference_and_bounds():
+    rng = np.random.default_rng(0)
+    student = np.stack([rng.permutation(200)[:50] for _ in range(3)])
+    targets = np.stack([[rng.permutation(200)[:50] for _ in range(2)] for _ in range(3)])
+    targets[0, 0] = student[0]  # identical -> 0
+    got = dkc.discrepancy(torch.from_numpy(student), torch.from_numpy(targets)).numpy()
+    for u in range(3):
+        for t in range(2):
+            assert got[u, t] == pytest.approx(ref_discrepancy(student[u].tolist(), targets[u, t].tolist()), abs=1e-6)
+    assert got[0, 0] == pytest.approx(0.0, abs=1e-6)
+    disjoint = dkc.discrepancy(torch.arange(50)[None], torch.arange(50, 100)[None, None])
+    assert disjoint.item() == pytest.approx(1.0)
+
+
+def test_advance_rule():
+    stage = torch.tensor([[0, 0, 0, 3, 1]])
+    last = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.4]])
+    d_next = torch.tensor([[0.4, 0.49, 0.6, 0.1, 0.0]])
+    # ratios: 1.25 (> th 1.05: advance), 1.0204 (stay), 0.833 (< 1: advance), final (never), inf (advance)
+    moved = dkc.advance(stage, last, d_next, n_stages=4, th=1.05)
+    assert moved.tolist() == [[True, False, True, False, True]]
+    assert dkc.threshold(25, dkc.DKCConfig()) == pytest.approx(1.05 * 0.995 ** 2)
+
+
+def test_stage_lists_gather():
+    lists = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5)
+    stage = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    cur = dkc.current_lists(lists, stage)
+    nxt = dkc.next_stage_lists(lists, stage)
+    for u in range(2):
+        for t in range(3):
+            assert cur[u, t].tolist() == lists[u, t, stage[u, t]].tolist()
+            assert nxt[u, t].tolist() == lists[u, t, min(stage[u, t] + 1, 3)].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overall_loss_and_gradient(seed):
+    scores, observed, p, t = _case(seed)
+    s = torch.tensor(scores, dtype=torch.float32, requires_grad=True)
+    got = akt.overall_loss(s, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t))
+    for u in range(len(scores)):
+        assert got[u].item() == pytest.approx(ref_overall(scores[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist()), rel=1e-4)
+    got.sum().backward()
+    s64 = torch.tensor(scores, dtype=torch.float64, requires_grad=True)
+    akt.overall_loss(s64, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t)).sum().backward()
+    ref_grad = _numeric_grad(lambda x: sum(ref_overall(x[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist())
+                                           for u in range(len(x))), scores)
+    np.testing.assert_allclose(s64.grad.numpy(), ref_grad, atol=1e-5)
+    np.testing.assert_allclose(s.grad.numpy(), ref_grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_loss_and_gradient(seed):
+    scores, observed, p, t = _case(seed)
+    s64 = torch.tensor(scores, dtype=torch.float64, requires_grad=True)
+    got = akt.ranking_loss(s64, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t))
+    for u in range(len(scores)):
+        assert got[u].item() == pytest.approx(ref_ranking(scores[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist()), rel=1e-9)
+    got.sum().backward()
+    ref_grad = _numeric_grad(lambda x: sum(ref_ranking(x[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist())
+                                           for u in range(len(x))), scores)
+    np.testing.assert_allclose(s64.grad.numpy(), ref_grad, atol=1e-5)
+
+
+def test_observed_and_unobserved_never_compared():
+    """Raising an observed item's score must not change the target items' terms."""
+    scores, observed, p, t = _case(5, b=1)
+    base = akt.plackett_luce(torch.tensor(scores), torch.from_numpy(t[:, :50]),
+                             torch.tensor([0.0]))
+    bumped = scores.copy()
+    bumped[0, np.flatnonzero(observed[0])] += 5
+    again = akt.plackett_luce(torch.tensor(bumped), torch.from_numpy(t[:, :50]), torch.tensor([0.0]))
+    assert again.item() == pytest.approx(base.item())
+    full = akt.ranking_loss(torch.tensor(scores), torch.from_numpy(observed), torch.full((1, 10), -1), torch.from_numpy(t))
+    full2 = akt.ranking_loss(torch.tensor(bumped), torch.from_numpy(observed), torch.full((1, 10), -1), torch.from_numpy(t))
+    assert full.item() == pytest.approx(full2.item())
+
+
+def _numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        hi, lo = x.copy(), x.copy()
+        hi[idx] += eps
+        lo[idx] -= eps
+        grad[idx] = (f(hi) - f(lo)) / (2 * eps)
+    return grad
