@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 from hetcomp_dist import storage
+from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.data import registry
 from hetcomp_dist.data.formats import FORMATS, Columns, DataError
@@ -100,6 +101,62 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], ks: list[int])
     return "\n".join(lines)
 
 
+def _train_teachers_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-teachers", help="train the run's teachers (one Ray actor each, concurrently)",
+                       description="Prepare the run's dataset if missing, then train every teacher of the run "
+                       "config: one Ray actor per teacher with the CPUs/GPUs it asks for, restarted from its "
+                       "last checkpoint if it dies. Writes trajectories and <run>/teachers/summary.")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (parsed as YAML), e.g. --set run=s3://bucket/run --set ray.max_restarts=1")
+    p.add_argument("--sequential", action="store_true", help="train one teacher after another in this process, without Ray")
+    p.set_defaults(func=_cmd_train_teachers)
+
+
+def _cmd_train_teachers(args: argparse.Namespace) -> None:
+    from hetcomp_dist import config
+    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.teachers.actors import TeachersFailed, format_summary, train_teachers
+
+    cfg = config.load(RunConfig, args.config, args.overrides)
+    try:
+        summaries = train_teachers(cfg, sequential=args.sequential)
+    except TeachersFailed as e:  # each failure's traceback is printed above
+        print(f"hetcomp {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(format_summary(summaries, cfg.ks))
+    print(f"summary written to {storage.join(cfg.run, 'teachers', 'summary')}")
+
+
+def _distill_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil the run's teachers into a student (single process)",
+                       description="Build ensemble targets from the teachers' trajectories, run DKC and AKT, and "
+                       "write the student, metrics.json and report.md under <run>/distill/<method>.")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.method=ensemble")
+    p.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    import json
+
+    from hetcomp_dist import config
+    from hetcomp_dist.pipeline import RunConfig, distill_run
+
+    cfg = config.load(RunConfig, args.config, args.overrides)
+    if cfg.storage.endpoint_url:
+        storage.configure(endpoint_url=cfg.storage.endpoint_url)
+
+    def show(event: dict) -> None:
+        if "valid" in event:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}), flush=True)
+
+    metrics = distill_run(cfg, show)
+    t = metrics["test"]
+    print(f"student ({metrics['method']}): test " + ", ".join(f"{k} {t[k]:.4f}" for k in t if k.startswith(("recall", "ndcg"))))
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job end to end on local disk: prepare CiteULike, evaluate reference recommenders")
     p.add_argument("--dataset", default="citeulike-t", help="registered dataset name or raw path")
@@ -126,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prepare_parser(sub)
     _datasets_parser(sub)
     _reference_parser(sub)
+    _train_teachers_parser(sub)
+    _distill_parser(sub)
     _demo_parser(sub)
     return parser
 
@@ -136,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.configure(endpoint_url=args.endpoint_url)
     try:
         args.func(args)
-    except (DataError, storage.StorageError) as e:
+    except (DataError, storage.StorageError, ConfigError) as e:
         print(f"hetcomp {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

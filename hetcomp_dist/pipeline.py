@@ -4,6 +4,7 @@
     <run>/teachers/<name>/trajectory teacher trajectory (manifest written last)
     <run>/teachers/<name>/checkpoints/epoch-N
     <run>/teachers/summary/          all teachers' summaries (manifest)
+    <run>/distill/<method>/          student.pt, metrics.json, report.md (manifest)
 
 Each job reads the sections it needs; unknown keys anywhere are errors.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hetcomp_dist import storage
 from hetcomp_dist.data import prepare as prep
+from hetcomp_dist.distill.train import DistillConfig
 from hetcomp_dist.teachers.train import TeacherConfig, TrajectoryConfig
 
 
@@ -43,6 +45,7 @@ class RunConfig:
     data: DataConfig
     teachers: list[TeacherConfig] = field(default_factory=list)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     eval_batch_size: int = 1024
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -59,3 +62,14 @@ def ensure_dataset(cfg: RunConfig, progress: bool = True) -> str:
     if not storage.is_complete(uri):
         prep.prepare(cfg.data.source, uri, cfg.data.protocol, cfg.data.format, seed=cfg.data.seed, progress=progress)
     return uri
+
+
+def distill_run(cfg: RunConfig, report=None) -> dict:
+    """Distil the run's teachers into a student (single process); returns metrics.json's content."""
+    from hetcomp_dist.distill.train import distill
+    from hetcomp_dist.teachers.train import teacher_uri
+
+    names = cfg.distill.teachers or [t.name for t in cfg.teachers]
+    uris = [storage.join(teacher_uri(cfg.run, n), "trajectory") for n in names]
+    out = cfg.distill.out or storage.join(cfg.run, "distill", cfg.distill.method)
+    return distill(ensure_dataset(cfg), uris, cfg.distill, out, tuple(cfg.ks), report or (lambda e: None))

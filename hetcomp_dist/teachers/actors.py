@@ -1,0 +1,263 @@
+"""Train all teachers of a run: one Ray actor each, concurrently (or one after another without Ray).
+
+The training itself is :func:`hetcomp_dist.teachers.train.train_teacher` either way. Each actor asks
+Ray for its teacher's ``cpus`` / ``gpus``. If an actor's process dies, Ray restarts it
+(``ray.max_restarts``) and retries its ``train`` call, which resumes from the teacher's last
+checkpoint. Actors push progress events to a small event-box actor that the driver polls and prints.
+
+At the end the summaries (test Recall/NDCG, best epoch, train seconds) are printed as a table and
+written to ``<run>/teachers/summary`` (``summary.json`` + manifest). A teacher whose complete
+trajectory was written with the same teacher and trajectory settings is not trained again (a rerun
+after a partial failure trains only what is missing).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from hetcomp_dist import models, storage
+from hetcomp_dist.config import ConfigError, to_dict
+from hetcomp_dist.pipeline import RayConfig, RunConfig, ensure_dataset
+from hetcomp_dist.teachers.train import TeacherConfig, teacher_uri, train_teacher
+
+Event = dict[str, Any]
+SUMMARY = "summary"
+_FORWARDED_ENV = ("AWS_", "HETCOMP_")  # prefixes of environment variables the actors get
+
+
+class TeachersFailed(RuntimeError):
+    """One or more teachers failed for good (after Ray's restarts); the others finished."""
+
+
+class TeacherActor:
+    """Trains one teacher inside a Ray actor; ``report`` events go to the driver's event box.
+
+    The box is an argument of ``train``, not of the constructor: Ray keeps an actor handle given to
+    a constructor in the object store, from where a restart may no longer get it.
+    """
+
+    def __init__(self, endpoint_url: str | None):
+        if endpoint_url:
+            storage.configure(endpoint_url=endpoint_url)
+
+    def train(self, cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any) -> dict[str, Any]:
+        import ray
+
+        def report(event: Event) -> None:  # waits for the box, so every event is in before train() returns
+            ray.get(events.push.remote({**event, "pid": os.getpid()}))
+
+        return train_teacher(teacher, dataset_uri, teacher_uri(cfg.run, teacher.name), cfg.trajectory,
+                             tuple(cfg.ks), cfg.eval_batch_size, report)
+
+
+class EventBox:
+    """Events pushed by the teacher actors, drained by the driver."""
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+
+    def push(self, event: Event) -> None:
+        self._events.append(event)
+
+    def drain(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+
+class ProgressPrinter:
+    """One line per evaluation, resume and finish; epoch lines at most every ``interval`` s per teacher."""
+
+    def __init__(self, teachers: list[TeacherConfig], interval: float = 5.0, stream: Any = None):
+        self._cfg = {t.name: t for t in teachers}
+        self._width = max((len(t.name) for t in teachers), default=1)
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._stream = stream
+
+    def __call__(self, event: Event) -> None:
+        name, kind = event["teacher"], event["event"]
+        t = self._cfg.get(name)
+        if kind == "epoch":
+            now = time.monotonic()
+            if "valid" not in event and now - self._last.get(name, -1e9) < self._interval:
+                return
+            self._last[name] = now
+            line = f"epoch {event['epoch']:>4}/{t.max_epochs if t else '?'}  loss {event['loss']:.4f}  " \
+                   f"{event['epoch_seconds']:.1f}s/epoch"
+            if "valid" in event:
+                metric = t.select_metric if t else "valid"
+                line += f"  valid {metric} {event['valid']:.4f}  (best {event['best']:.4f} @ {event['best_epoch']})"
+        elif kind == "resumed":
+            line = f"resumed from the checkpoint of epoch {event['epoch']}"
+        elif kind == "done":
+            line = f"done: best epoch {event['best_epoch']}, {event['epochs_trained']} epochs, " \
+                   f"{event['train_seconds']:.1f}s training"
+        elif kind == "skipped":
+            line = "complete trajectory with this config found: not trained again"
+        else:
+            line = str(event)
+        print(f"[{name:<{self._width}}] {line}", file=self._stream or sys.stdout, flush=True)
+
+
+def format_summary(summaries: list[dict[str, Any]], ks: list[int]) -> str:
+    """Markdown table: one row per teacher, test Recall/NDCG at 20 and 50 (else the config's ks)."""
+    cut = [k for k in ks if k in (20, 50)] or list(ks)
+    head = ["teacher", "model"] + [f"{m}@{k}" for k in cut for m in ("recall", "ndcg")] + \
+           ["best epoch", "epochs", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s["teacher"], s["model"]] + [f"{s['test'][f'{m}@{k}']:.4f}" for k in cut for m in ("recall", "ndcg")]
+        cells += [str(s["best_epoch"]), str(s["epochs_trained"]), f"{s['train_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train_teachers(cfg: RunConfig, sequential: bool = False,
+                   report: Callable[[Event], None] | None = None) -> list[dict[str, Any]]:
+    """Train every teacher of ``cfg``; returns their summaries in config order (also written to storage).
+
+    ``report`` receives every progress event of ``train_teacher`` (default: a :class:`ProgressPrinter`),
+    plus ``"skipped"`` events; under Ray each event also carries the ``pid`` of the actor's process.
+    Raises :class:`ConfigError` for an invalid teacher list and :class:`TeachersFailed` if any teacher
+    failed for good (the others' outputs are kept).
+    """
+    names = [t.name for t in cfg.teachers]
+    _check_teachers(cfg)
+    if cfg.storage.endpoint_url:
+        storage.configure(endpoint_url=cfg.storage.endpoint_url)
+    report = report or ProgressPrinter(cfg.teachers)
+    dataset_uri = ensure_dataset(cfg)
+
+    results: dict[str, dict[str, Any]] = {}
+    for t in cfg.teachers:
+        if (summary := _finished_summary(cfg, t)) is not None:
+            report({"teacher": t.name, "event": "skipped"})
+            results[t.name] = summary
+    todo = [t for t in cfg.teachers if t.name not in results]
+    if sequential:
+        for t in todo:
+            results[t.name] = train_teacher(t, dataset_uri, teacher_uri(cfg.run, t.name), cfg.trajectory,
+                                            tuple(cfg.ks), cfg.eval_batch_size, report)
+    elif todo:
+        results.update(_train_on_ray(cfg, todo, dataset_uri, report))
+
+    summaries = [results[n] for n in names]
+    with storage.open_output(storage.join(cfg.run, "teachers", SUMMARY), kind="teacher-summary",
+                             config=to_dict(cfg)) as out:
+        out.write_json("summary.json", summaries)
+    return summaries
+
+
+def _check_teachers(cfg: RunConfig) -> None:
+    """Config errors that would otherwise surface only inside a teacher, after the dataset is prepared."""
+    names = [t.name for t in cfg.teachers]
+    if not names:
+        raise ConfigError("no teachers in the config (teachers: [...])")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher names must be unique, got {names}")
+    for t in cfg.teachers:
+        if t.model not in models.MODELS:
+            raise ConfigError(f"teacher {t.name}: unknown model {t.model!r} (registered: {', '.join(sorted(models.MODELS))})")
+        try:
+            inspect.signature(models.MODELS[t.model]).bind_partial(**t.params)
+        except TypeError as e:
+            raise ConfigError(f"teacher {t.name}: params of {t.model}: {e}") from None
+        metric, _, k = t.select_metric.partition("@")
+        if metric not in ("recall", "ndcg") or not k.isdigit() or int(k) not in cfg.ks:
+            raise ConfigError(f"teacher {t.name}: select_metric {t.select_metric!r} must be recall@K or ndcg@K "
+                              f"with K in ks {cfg.ks}")
+
+
+def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] | None:
+    """The summary in a complete trajectory written with the same teacher and trajectory settings, else None."""
+    uri = storage.join(teacher_uri(cfg.run, teacher.name), "trajectory")
+    if not storage.is_complete(uri):
+        return None
+    m = storage.read_manifest(uri)
+    summary = m.get("summary") or {}
+    same = (m.get("config") == json.loads(json.dumps(asdict(teacher)))
+            and (m.get("k"), m.get("observed_k")) == (cfg.trajectory.k, cfg.trajectory.observed_k)
+            and m.get("selection", {}).get("fractions") == [float(f) for f in cfg.trajectory.fractions]
+            and all(f"recall@{k}" in summary.get("test", {}) for k in cfg.ks))
+    return summary if same else None
+
+
+def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str,
+                  report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
+    import ray
+
+    started = _init_ray(cfg.ray)
+    if started == "local":  # a fixed-size instance: a teacher asking for more would wait forever
+        have = ray.cluster_resources()
+        for t in teachers:
+            if t.cpus > have.get("CPU", 0) or t.gpus > have.get("GPU", 0):
+                ray.shutdown()
+                raise ConfigError(f"teacher {t.name} asks for {t.cpus:g} CPUs / {t.gpus:g} GPUs; the local Ray "
+                                  f"instance has {have.get('CPU', 0):g} / {have.get('GPU', 0):g} (see ray.num_cpus)")
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    box = ray.remote(EventBox).options(num_cpus=0).remote()
+    actor_cls = ray.remote(TeacherActor)
+    actors, pending = [], {}
+    try:
+        for t in teachers:
+            actor = actor_cls.options(
+                num_cpus=t.cpus, num_gpus=t.gpus, max_restarts=cfg.ray.max_restarts,
+                max_task_retries=cfg.ray.max_restarts, runtime_env={"env_vars": env} if env else None,
+            ).remote(cfg.storage.endpoint_url)
+            actors.append(actor)
+            pending[actor.train.remote(cfg, t, dataset_uri, box)] = (t.name, actor)
+        results, failures = {}, {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for event in ray.get(box.drain.remote()):
+                report(event)
+            for ref in ready:
+                name, actor = pending.pop(ref)
+                try:
+                    results[name] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    failures[name] = e
+                    print(f"[{name}] FAILED:\n{e}", file=sys.stderr, flush=True)
+                ray.kill(actor)  # frees its CPUs/GPUs for a teacher still waiting for them
+        if failures:
+            raise TeachersFailed(f"teacher(s) failed: {', '.join(failures)} (the others finished; "
+                                 "rerun to train only the missing ones)")
+        return results
+    finally:
+        for actor in [*actors, box]:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def _init_ray(rc: RayConfig) -> str | None:
+    """Connect to ``rc.address`` / $RAY_ADDRESS ("remote") or start a local instance ("local"); None if connected already."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return "remote"
+    # A local instance: keep Ray's token authentication, but with a token of this process in the
+    # environment (Ray's processes inherit it) rather than a generated ~/.ray/auth_token, which would
+    # switch a later `ray start` in the same HOME to token auth. An explicit RAY_AUTH_* setting wins.
+    if not any(os.environ.get(v) for v in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_urlsafe(32)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)  # "token authentication is enabled" is what we want: no warning
+    try:
+        ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    finally:
+        auth_log.setLevel(level)
+    return "local"

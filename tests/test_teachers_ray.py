@@ -1,0 +1,326 @@
+"""`hetcomp train-teachers` / jobs/train_teachers.py: sequential, on a local Ray, as a Ray job, after a kill.
+
+The fast tier trains the tiny config (configs/tiny.yaml, MovieLens 100K) in-process without Ray.
+The integration tier starts real Ray: a local instance from the CLI (writing to the moto S3
+server), and a Ray head (`ray start --head --block`, on loopback with free ports, its own temp
+dir and HOME, token auth disabled for it and its clients) for `ray job submit` and for a driver
+whose teacher actor is SIGKILLed mid-training. The head is stopped by signalling its own
+`ray start` process, never with `ray stop` (that stops every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+import yaml
+
+from hetcomp_dist import config, storage
+from hetcomp_dist.cli import main
+from hetcomp_dist.pipeline import RunConfig
+from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
+from hetcomp_dist.teachers.trajectory import read_trajectories
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+VENV_BIN = Path(sys.executable).parent
+NAMES = ["bpr_mf", "lightgcn", "multvae"]
+BUCKET = "hetcomp-test"  # the bucket of conftest's s3_server
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def write_config(path: Path, run: str, teachers: list[dict] | None = None, **top: Any) -> Path:
+    """configs/tiny.yaml with ``run`` (and optionally other teachers / top-level keys), written to ``path``."""
+    data = yaml.safe_load(TINY.read_text())
+    data["run"] = run
+    if teachers is not None:
+        data["teachers"] = teachers
+    data.update(top)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny_teacher(name: str, **changes: Any) -> dict:
+    (teacher,) = [t for t in yaml.safe_load(TINY.read_text())["teachers"] if t["name"] == name]
+    return {**teacher, **changes}
+
+
+def check_run(run: str, names: list[str]) -> list[dict]:
+    """Every teacher's trajectory is complete (4 stages, evaluations once each, in order); the summary lists them."""
+    for name in names:
+        m = storage.read_manifest(storage.join(run, "teachers", name, "trajectory"))
+        assert m["kind"] == "teacher-trajectory"
+        assert len(m["trajectory"]) == 4
+        epochs = [h["epoch"] for h in m["history"]]
+        assert epochs and epochs == sorted(set(epochs)), epochs
+        assert m["summary"]["best_epoch"] in epochs
+    summary_uri = storage.join(run, "teachers", "summary")
+    assert storage.read_manifest(summary_uri)["kind"] == "teacher-summary"
+    summaries = storage.read_json(summary_uri, "summary.json")
+    assert [s["teacher"] for s in summaries] == names
+    for s in summaries:
+        assert 0 < s["test"]["recall@20"] <= s["test"]["recall@50"] <= 1
+        assert s["train_seconds"] > 0
+    return summaries
+
+
+def _free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGTERMs the child if pytest dies without teardown (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (a unique temp dir: only ours)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+    return pids
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without Ray connection/auth settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- fast tier
+
+def test_sequential_cli_run(tmp_path: Path, datasets_dir: Path, capsys: pytest.CaptureFixture,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run = str(tmp_path / "run")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train-teachers", "--config", str(TINY), "--set", f"run={run}", "--sequential"]) == 0
+        out = capsys.readouterr().out
+        summaries = check_run(run, NAMES)
+        for name in NAMES:
+            assert f"[{name:<8}] epoch    2/6" in out and "valid recall@20" in out
+            assert f"[{name:<8}] done: best epoch" in out
+            assert f"| {name} | {name} | " in out
+        assert "| teacher | model | recall@20 | ndcg@20 | recall@50 | ndcg@50 | best epoch | epochs | train s |" in out
+
+        # A rerun finds the complete trajectories and trains nothing again.
+        assert main(["train-teachers", "--config", str(TINY), "--set", f"run={run}", "--sequential"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("not trained again") == 3 and "] epoch" not in out
+        assert check_run(run, NAMES) == summaries
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("teachers, message", [
+    ([], "no teachers"),
+    ([tiny_teacher("bpr_mf"), tiny_teacher("bpr_mf")], "teacher names must be unique"),
+    ([tiny_teacher("bpr_mf", model="bpr")], "teacher bpr_mf: unknown model 'bpr' (registered: "),
+    ([tiny_teacher("bpr_mf", params={"dims": 8})], "teacher bpr_mf: params of bpr_mf: "),
+    ([tiny_teacher("bpr_mf", select_metric="recall@10")], "select_metric 'recall@10' must be recall@K or ndcg@K"),
+])
+def test_bad_teacher_list_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              teachers: list, message: str) -> None:
+    path = write_config(tmp_path / "c.yaml", str(tmp_path / "run"), teachers)
+    assert main(["train-teachers", "--config", str(path), "--sequential"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hetcomp train-teachers: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # checked before the dataset is prepared
+
+
+def test_unknown_config_key_is_a_one_line_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train-teachers", "--config", str(TINY), "--set", "ray.workers=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key(s) workers for RayConfig" in err and "\n" not in err
+
+
+def test_tiny_config_loads() -> None:
+    cfg = config.load(RunConfig, TINY)
+    assert [t.name for t in cfg.teachers] == NAMES
+    assert all(t.cpus == 1 and t.threads == 1 for t in cfg.teachers)
+
+
+def test_format_summary() -> None:
+    metrics = {f"{m}@{k}": 0.5 for m in ("recall", "ndcg") for k in (10, 20, 50)}
+    table = format_summary([{"teacher": "a", "model": "bpr_mf", "best_epoch": 4, "epochs_trained": 6,
+                             "train_seconds": 1.25, "test": metrics}], [10, 20, 50])
+    assert table.splitlines()[0] == ("| teacher | model | recall@20 | ndcg@20 | recall@50 | ndcg@50 "
+                                     "| best epoch | epochs | train s |")
+    assert table.splitlines()[2] == "| a | bpr_mf | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 4 | 6 | 1.2 |"
+
+
+# ----------------------------------------------------------------------------- integration tier
+
+@pytest.mark.integration
+def test_cli_on_local_ray_writes_to_s3(s3_server: str, datasets_dir: Path, tmp_path: Path) -> None:
+    """The CLI starts a local Ray (3 teachers, 2 CPUs), writes to moto S3, and leaves no ~/.ray/auth_token."""
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="rayl", dir="/tmp")  # short: Ray's socket paths live below it
+    env = _clean_env(HOME=str(home), HETCOMP_DATASETS_DIR=str(datasets_dir), RAY_TMPDIR=ray_tmp)
+    try:
+        proc = subprocess.run([str(VENV_BIN / "hetcomp"), "train-teachers", "--config", str(TINY), "--set",
+                               f"run={run}"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                              preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 20
+        while _pids_mentioning(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _pids_mentioning(ray_tmp), "the local Ray instance outlived the command"
+    finally:
+        for pid in _pids_mentioning(ray_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_run(run, NAMES)
+    for name in NAMES:
+        assert f"[{name:<8}] done: best epoch" in proc.stdout
+    assert "| multvae | multvae | " in proc.stdout
+    assert not (home / ".ray" / "auth_token").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_head(datasets_dir: Path) -> Iterator[dict[str, Any]]:
+    """A Ray head on loopback (`ray start --head --block`): yields its addresses and the env for its clients.
+
+    Its environment has no AWS_* variables (teacher actors must get them from the driver), a temp
+    HOME and RAY_AUTH_MODE=disabled; the venv's bin comes first in PATH so a job's `python` has the
+    package. Stopped by SIGTERM to its `ray start` process, which stops the processes it started.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths live below it
+    (temp / "home").mkdir()
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
+    env = {k: v for k, v in _clean_env().items() if not k.startswith("AWS_")}
+    env.update(HOME=str(temp / "home"), RAY_AUTH_MODE="disabled", HETCOMP_DATASETS_DIR=str(datasets_dir),
+               RAY_USAGE_STATS_ENABLED="0")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", f"--temp-dir={temp / 'r'}", "--disable-usage-stats"]
+    with open(temp / "head.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(f"{dashboard}/api/version", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head did not start:\n{(temp / 'head.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        time.sleep(1)
+        for pid in _pids_mentioning(str(temp)):  # anything of this head still alive (its temp dir is unique)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_ray_job_submit(ray_head: dict[str, Any], tmp_path: Path) -> None:
+    """The documented `ray job submit ... -- python jobs/train_teachers.py` against a real head."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run = str(tmp_path / "run")
+    job_id = f"hetcomp-test-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--submission-id", job_id,
+         "--working-dir", ".", "--", "python", "jobs/train_teachers.py", "--config", "configs/tiny.yaml",
+         "--set", f"run={run}"],
+        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=400, preexec_fn=_die_with_parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert JobSubmissionClient(ray_head["dashboard"]).get_job_status(job_id) == JobStatus.SUCCEEDED
+    check_run(run, NAMES)
+    assert "| lightgcn | lightgcn | " in proc.stdout  # the job's log streams back to the submitter
+
+
+@pytest.mark.integration
+def test_killed_teacher_resumes_from_its_checkpoint(ray_head: dict[str, Any], s3_server: str, datasets_dir: Path,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL a teacher's actor once its first checkpoint exists: Ray restarts it, it resumes, the run completes."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head's mode
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    bpr = tiny_teacher("bpr_mf", max_epochs=20, patience=100)
+    path = write_config(tmp_path / "c.yaml", run, [bpr, tiny_teacher("multvae")],
+                        ray={"address": ray_head["gcs"], "max_restarts": 2})
+    cfg = config.load(RunConfig, path)
+    checkpoints = storage.join(run, "teachers", "bpr_mf", "checkpoints")
+    events: list[dict] = []
+    killed: list[int] = []
+    printer = ProgressPrinter(cfg.teachers, interval=0)
+
+    def first_checkpoint() -> str | None:
+        fs, folder = storage.filesystem(checkpoints)
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)) if fs.exists(folder) else []
+        return next((n for n in names if storage.is_complete(storage.join(checkpoints, n))), None)
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        printer(event)
+        if event["teacher"] == "bpr_mf" and not killed:
+            deadline = time.monotonic() + 120
+            while first_checkpoint() is None:  # poll storage (the actor keeps training meanwhile)
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.2)
+            os.kill(event["pid"], signal.SIGKILL)
+            killed.append(event["pid"])
+
+    summaries = train_teachers(cfg, report=on_event)
+
+    assert [s["teacher"] for s in summaries] == ["bpr_mf", "multvae"]
+    mine = [e for e in events if e["teacher"] == "bpr_mf"]
+    resumed = [e for e in mine if e["event"] == "resumed"]
+    assert killed and len(resumed) == 1 and resumed[0]["epoch"] >= 2
+    assert resumed[0]["pid"] != killed[0]
+    assert mine[-1]["event"] == "done" and mine[-1]["epochs_trained"] == 20
+    check_run(run, ["bpr_mf", "multvae"])
+    traj = storage.join(run, "teachers", "bpr_mf", "trajectory")
+    manifest = storage.read_manifest(traj)
+    assert [h["epoch"] for h in manifest["history"]] == list(range(2, 21, 2))  # each evaluation once
+    tops = read_trajectories([traj], 0, manifest["n_users"])
+    assert tuple(tops.shape) == (manifest["n_users"], 1, 4, 50)
+    assert int(tops.min()) >= 0 and int(tops.max()) < manifest["n_items"]
+    json.dumps(summaries)  # plain data
