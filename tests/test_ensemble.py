@@ -33,12 +33,10 @@ def test_importance_values():
 
 
 def test_scores_match_float64_reference():
-    rng = np.random.default_rng(0)
     for seed in range(3):
         lists = _random_lists(np.random.default_rng(seed), 5, 3, 20, 40)
         got = ensemble_scores(torch.from_numpy(lists), 40, rank_importance(20)).double().numpy()
         np.testing.assert_allclose(got, _reference(lists, 40), rtol=1e-6, atol=1e-6)
-    del rng
 
 
 def test_topk_is_the_reference_order():

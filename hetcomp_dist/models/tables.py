@@ -8,6 +8,7 @@ can shard later. Bags with several ids (a user's items, weighted) serve autoenco
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
@@ -25,6 +26,7 @@ class Tables(nn.Module):
                  device: torch.device | None = None):
         super().__init__()
         self.names = list(shapes)
+        self.dims = {n: d for n, (_, d) in shapes.items()}
         configs = [EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=[n],
                                       pooling=PoolingType.SUM, init_fn=_normal(init_std))
                    for n, (r, d) in shapes.items()]
@@ -32,6 +34,11 @@ class Tables(nn.Module):
 
     def forward(self, **ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Look up one row per id: ``tables(user=u, item=i)`` -> {"user": B x d, "item": B' x d}."""
+        if isinstance(self.ebc, EmbeddingBagCollection):
+            # Unsharded: a one-id bag is a row lookup. F.embedding on the same weights gives the same
+            # values and gradients without the KJT's one-stride padding and the pooled-output concat
+            # (up to 2x the time of a step otherwise; bench/bench_teachers.py). Sharded: the KJT below.
+            return {n: F.embedding(v.long(), self.ebc.embedding_bags[n].weight) for n, v in ids.items()}
         # A KJT has one batch size for all keys: shorter id lists are padded with empty bags.
         stride = max(len(v) for v in ids.values())
         lengths = torch.zeros(len(self.names), stride, dtype=torch.int32)
@@ -54,8 +61,14 @@ class Tables(nn.Module):
         return self.ebc(kjt).to_dict()[name]
 
     def weight(self, name: str) -> torch.Tensor:
-        """The whole table ``name`` (rows x d) of an unsharded model, for full-item scoring."""
-        return self.ebc.embedding_bags[name].weight
+        """The whole table ``name`` (rows x d) of an unsharded model, for full-item scoring.
+
+        Once :mod:`hetcomp_dist.distributed` has sharded the tables, only this process's rows
+        (local rows x d; 0 x d where it holds none): enough for row-by-row updates such as
+        ``after_step``, never for scoring.
+        """
+        w = self.ebc.embedding_bags[name].weight
+        return w if w.dim() == 2 else w.view(0, self.dims[name])
 
 
 def _normal(std: float):
