@@ -77,7 +77,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     data = load_dataset(dataset_uri)
     n_users, n_items = data.n_users, data.n_items
     student = Student(n_users, n_items, cfg.dim)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     eval_users = data.eval_users()
     importance = rank_importance(100, cfg.temperature)
     dcfg = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)

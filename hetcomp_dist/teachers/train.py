@@ -67,7 +67,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     data = load_dataset(dataset_uri)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     eval_users = data.eval_users()
 
     state = _latest_checkpoint(out)
