@@ -205,12 +205,7 @@ def read_parquet(uri: str, columns: Columns = Columns(), id_type: str = "int",
                  batch_rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
     """Parquet, streamed by row groups; integer id columns are kept as int64, others per id_type."""
     names = _column_names(columns)
-    fs, path = storage.filesystem(uri)
-    try:
-        f = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
-    with f:
+    with _open(uri) as f:
         try:
             pf = pq.ParquetFile(f)
         except pa.ArrowInvalid as e:
