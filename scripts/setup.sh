@@ -13,6 +13,9 @@ py=$(command -v python3.11 || command -v python3)
 # The lock holds every package at an exact version; --no-deps stops torchrec's metadata from
 # pulling the CUDA fbgemm-gpu (and a CUDA torch) onto CPU hosts.
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# Build tools first, pinned: venv's bundled pip/setuptools are too old to build this package
+# editable without isolation, and `pip freeze` (the lock) leaves them out.
+"${pip[@]}" pip==25.3 setuptools==84.2.1
 if [[ $gpu == 0 ]]; then
   "${pip[@]}" --no-deps -r requirements/cpu.lock
 else
