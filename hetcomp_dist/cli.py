@@ -129,12 +129,14 @@ def _cmd_train_teachers(args: argparse.Namespace) -> None:
 
 
 def _distill_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="distil the run's teachers into a student (single process)",
+    p = sub.add_parser("distill", help="distil the run's teachers into a student (one process, or Ray Train with --ray)",
                        description="Build ensemble targets from the teachers' trajectories, run DKC and AKT, and "
                        "write the student, metrics.json and report.md under <run>/distill/<method>.")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.method=ensemble")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Train with distill.workers workers (ray.address / $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_distill)
 
 
@@ -152,7 +154,12 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         if "valid" in event:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}), flush=True)
 
-    metrics = distill_run(cfg, show)
+    if args.ray:
+        from hetcomp_dist.distill.ray_job import distill_ray
+
+        metrics = distill_ray(cfg)
+    else:
+        metrics = distill_run(cfg, show)
     t = metrics["test"]
     print(f"student ({metrics['method']}): test " + ", ".join(f"{k} {t[k]:.4f}" for k in t if k.startswith(("recall", "ndcg"))))
 

@@ -1,7 +1,30 @@
 """The distillation loop (ALGORITHM.md §4-6): ensemble targets from trajectories, DKC, AKT.
 
-One flat loop, single process. State per user is O(T x S x K) ints (the trajectories of this
-process's users) plus a cached target list; scores are dense only per batch (B x n_items).
+One flat loop. State per user is O(T x S x K) ints (the trajectories of this process's users)
+plus a cached target list; scores are dense only per batch (B x n_items).
+
+Shard-aware (data parallel over users; the same loop runs in one process, where the collectives
+below are no-ops). With W processes in the default process group (Ray Train's TorchTrainer, see
+:mod:`hetcomp_dist.distill.ray_job`, or torchrun), rank r owns the contiguous user range
+[start, stop) = :func:`user_range`:
+
+- its student holds only the user rows [start, stop) (the user table is split by rows) and the
+  whole item table (replicated: every user is scored against every item, which a row-sharded item
+  table would turn into an all-gather per step);
+- every rank draws the same global batches (an RNG seeded by (seed, epoch)) and keeps the rows of
+  its own users; it reads only its users' part of the trajectories, and keeps DKC stages and
+  targets only for them;
+- the loss is a sum over users, so the item-table gradient is all-reduced with SUM before Adam's
+  step: one W-process step equals one single-process step on the same global batch (user rows get
+  gradients only from their owner; a rank with no rows in a batch still steps, with zero gradients,
+  as the single process does for rows outside the batch);
+- evaluation: each rank ranks its users with :func:`evaluate_sums`, the sums are all-reduced (SUM,
+  coverage masks MAX), so every rank sees the same metrics and takes the same early-stopping and
+  phase decisions; whether any (teacher, user) stage is not final is all-reduced too;
+- after every evaluation rank 0 writes a checkpoint under ``<out>/checkpoint`` (whole tables,
+  Adam state, stages, best state, history; gathered from all ranks; visible only with its
+  manifest). A restarted run (Ray Train after a worker died, or a rerun by hand) resumes from it,
+  each rank taking its rows, with any number of workers. It is removed once the outputs are written.
 
 Methods:
     hetcomp  - DKC over the trajectories (easy to hard), L_O until every stage is final, then L_R.
@@ -12,19 +35,21 @@ Methods:
 from __future__ import annotations
 
 import io
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from hetcomp_dist import storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import akt, dkc
 from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
-from hetcomp_dist.evaluate import evaluate_split, topk_items
+from hetcomp_dist.evaluate import RankingSums, evaluate_sums, topk_items
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.tables import Tables
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
@@ -53,17 +78,37 @@ class DistillConfig:
     seed: int = 0
     threads: int = 2
     out: str | None = None           # default: <run>/distill/<method>
+    checkpoint: bool = True          # write <out>/checkpoint at every evaluation, resume from it
+    workers: int = 1                 # Ray Train workers (hetcomp distill --ray, jobs/distill.py)
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
 
 
 class Student(torch.nn.Module):
-    """MF student: s_ui = <e_u, e_i>, tables on TorchRec (shardable)."""
+    """MF student: s_ui = <e_u, e_i>, tables on TorchRec (shardable).
 
-    def __init__(self, n_users: int, n_items: int, dim: int, device: torch.device | None = None):
+    Args:
+        n_users: rows of the user table (a worker's own users: ``stop - start``).
+        first_user: the global index of user row 0; ``scores`` takes global user indices.
+    """
+
+    def __init__(self, n_users: int, n_items: int, dim: int, device: torch.device | None = None,
+                 first_user: int = 0):
         super().__init__()
+        self.first_user = first_user
         self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std=0.1, device=device)
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
-        return self.tables(user=users)["user"] @ self.tables.weight("item").T
+        """Global user indices (B) -> B x n_items."""
+        return self.tables(user=users - self.first_user)["user"] @ self.tables.weight("item").T
+
+
+USER_KEY, ITEM_KEY = "tables.ebc.embedding_bags.user.weight", "tables.ebc.embedding_bags.item.weight"
+
+
+def user_range(n_users: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous users [start, stop) of ``rank``: near-equal splits in rank order."""
+    return n_users * rank // world_size, n_users * (rank + 1) // world_size
 
 
 Report = Callable[[dict[str, Any]], None]
@@ -71,70 +116,106 @@ Report = Callable[[dict[str, Any]], None]
 
 def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: str,
             ks: tuple[int, ...] = (10, 20, 50), report: Report = lambda e: None) -> dict[str, Any]:
-    """Train a student on ``dataset_uri`` from the teachers' trajectories; write results under ``out``."""
+    """Train a student on ``dataset_uri`` from the teachers' trajectories; write results under ``out``.
+
+    In a process group of W ranks (module docstring) every rank calls it; rank 0 writes, every
+    rank returns the same metrics.
+    """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     data = load_dataset(dataset_uri)
     n_users, n_items = data.n_users, data.n_items
-    student = Student(n_users, n_items, cfg.dim)
+    start, stop = user_range(n_users, rank, world)
+    whole = Student(n_users, n_items, cfg.dim)               # seeded as in one process; this rank keeps its rows
+    student = Student(stop - start, n_items, cfg.dim, first_user=start)
+    student.load_state_dict({USER_KEY: whole.state_dict()[USER_KEY][start:stop], ITEM_KEY: whole.state_dict()[ITEM_KEY]})
+    del whole
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    item_weight = student.tables.weight("item")
+    for p in student.parameters():                                # kept (zeroed, not freed) between steps:
+        p.grad = torch.zeros_like(p)                              # every rank all-reduces and steps every batch
     eval_users = data.eval_users()
+    eval_users = eval_users[(eval_users >= start) & (eval_users < stop)]
     importance = rank_importance(100, cfg.temperature)
     dcfg = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
+    stage = torch.zeros(stop - start, 0, dtype=torch.long)
+    last, n_stages = torch.zeros(stage.shape), 1
 
     if cfg.method != "bpr":
         reader = TrajectoryReader(teacher_uris)
-        lists = reader.trajectories(0, n_users)                       # [U, T, S, K]
+        lists = reader.trajectories(start, stop)                      # [U_local, T, S, K]
         n_stages = lists.shape[2]
-        stage = torch.zeros(n_users, lists.shape[1], dtype=torch.long)
+        stage = torch.zeros(stop - start, lists.shape[1], dtype=torch.long)
         if cfg.method == "ensemble":
             stage[:] = n_stages - 1
-        observed_rank = _observed_ranking(reader.observed(0, n_users), n_items, cfg.observed_size, importance)
-        targets = _targets(lists, stage, n_items, cfg.target_size, importance)
+        observed_rank = _observed_ranking(reader.observed(start, stop), n_items, cfg.observed_size, importance)
         last = torch.zeros(stage.shape)
-        state_bytes = lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8
     history, progress = [], []
-    best, best_epoch, bad, best_state = -1.0, 0, 0, None
+    best, best_epoch, bad, best_state, first_epoch, resumes = -1.0, 0, 0, None, 1, []
+    checkpoint_uri = storage.join(out, "checkpoint")
+    if cfg.checkpoint and storage.is_complete(checkpoint_uri) and _same_run(checkpoint_uri, cfg):
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(checkpoint_uri, "state.pt")), weights_only=True)
+        student.load_state_dict(_rows(ckpt["student"], start, stop))
+        best_state = _rows(ckpt["best_state"], start, stop)
+        optimizer.load_state_dict(_optimizer_rows(ckpt["optimizer"], start, stop))
+        stage, last = ckpt["stage"][start:stop].clone(), ckpt["last"][start:stop].clone()
+        history, progress = ckpt["history"], ckpt["progress"]
+        best, best_epoch, bad = ckpt["best"], ckpt["best_epoch"], ckpt["bad"]
+        resumes = ckpt["resumes"] + [ckpt["epoch"]]
+        first_epoch = ckpt["epoch"] + 1 if bad < cfg.patience else cfg.max_epochs + 1
+        report({"event": "resumed", "epoch": ckpt["epoch"]})
+    if cfg.method != "bpr":
+        targets = _targets(lists, stage, n_items, cfg.target_size, importance)
+        state_bytes = _sum(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8)
     train_users, train_items = data.train.users(), data.train.indices
     index = sampling.PairIndex(data.train)
     start_time = time.perf_counter()
 
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(first_epoch, cfg.max_epochs + 1):
         student.train()
         rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(data.train.nnz)
+        order = rng.permutation(data.train.nnz)                      # the global order, the same on every rank
         epoch_loss, t0 = 0.0, time.perf_counter()
-        phase = "bpr" if cfg.method == "bpr" else ("L_O" if bool((stage < n_stages - 1).any()) else "L_R")
+        phase = "bpr" if cfg.method == "bpr" else ("L_O" if _any(stage < n_stages - 1) else "L_R")
         for lo in range(0, len(order), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
+            own = (train_users[rows] >= start) & (train_users[rows] < stop)
+            loss = torch.zeros(())
             if phase == "bpr":
-                u = torch.from_numpy(train_users[rows].astype(np.int64))
-                pos = torch.from_numpy(train_items[rows].astype(np.int64))
-                neg = torch.from_numpy(sampling.negatives(index, u.numpy(), rng).astype(np.int64))
-                e = student.tables(user=u, item=torch.cat([pos, neg]))
-                p_e, n_e = e["item"].chunk(2)
-                loss = -F.logsigmoid((e["user"] * p_e).sum(-1) - (e["user"] * n_e).sum(-1)).mean()
-            else:
-                users = torch.from_numpy(np.unique(train_users[rows]).astype(np.int64))
+                neg = sampling.negatives(index, train_users[rows], rng)[own]   # drawn for the global batch
+                rows = rows[own]
+                if len(rows):
+                    u = torch.from_numpy(train_users[rows].astype(np.int64))
+                    pos = torch.from_numpy(train_items[rows].astype(np.int64))
+                    e = student.tables(user=u - start, item=torch.cat([pos, torch.from_numpy(neg.astype(np.int64))]))
+                    p_e, n_e = e["item"].chunk(2)
+                    loss = -F.logsigmoid((e["user"] * p_e).sum(-1) - (e["user"] * n_e).sum(-1)).sum() / len(own)
+            elif own.any():
+                users = torch.from_numpy(np.unique(train_users[rows[own]]).astype(np.int64))
                 scores = student.scores(users).clamp(-cfg.score_clamp, cfg.score_clamp)
                 observed = _observed_mask(data, users.numpy(), n_items)
+                local = users - start
                 if phase == "L_O":
-                    loss = cfg.lo_weight * akt.overall_loss(scores, observed, observed_rank[users], targets[users]).sum()
+                    loss = cfg.lo_weight * akt.overall_loss(scores, observed, observed_rank[local], targets[local]).sum()
                 else:
-                    loss = cfg.lr_weight * akt.ranking_loss(scores, observed, observed_rank[users], targets[users]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                    loss = cfg.lr_weight * akt.ranking_loss(scores, observed, observed_rank[local], targets[local]).sum()
+            optimizer.zero_grad(set_to_none=False)
+            if loss.requires_grad:
+                loss.backward()
+            _all_reduce_grad(item_weight)                             # items: sum of every rank's users
             optimizer.step()
             epoch_loss += loss.item()
-        event = {"event": "epoch", "epoch": epoch, "loss": epoch_loss, "phase": phase,
+        event = {"event": "epoch", "epoch": epoch, "loss": _sum(epoch_loss), "phase": phase,
                  "epoch_seconds": time.perf_counter() - t0}
 
         if epoch % cfg.eval_every == 0:
             student.eval()
             with torch.no_grad():
-                valid = evaluate_split(student.scores, data, "valid", ks, users=eval_users)
-                if cfg.method == "hetcomp" and bool((stage < n_stages - 1).any()):
-                    top = torch.from_numpy(topk_items(student.scores, data.train, k=dkc.DISCREPANCY_K).astype(np.int64))
+                valid = _evaluate(student, data, "valid", ks, eval_users)
+                if cfg.method == "hetcomp" and _any(stage < n_stages - 1):
+                    top = torch.from_numpy(topk_items(student.scores, data.train, users=np.arange(start, stop),
+                                                      k=dkc.DISCREPANCY_K).astype(np.int64))
                     d_next = dkc.discrepancy(top, dkc.next_stage_lists(lists, stage))
                     if epoch == cfg.eval_every:
                         last = d_next
@@ -150,16 +231,22 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                                                               cfg.target_size, importance)
             stage_info = None
             if cfg.method != "bpr":
-                stage_info = {"mean_stage": stage.float().mean(0).tolist(),
-                              "final_fraction": float((stage == n_stages - 1).float().mean())}
+                stage_info = {"mean_stage": (_sum(stage.float().sum(0)) / n_users).tolist(),
+                              "final_fraction": float(_sum((stage == n_stages - 1).float().sum()) / stage.shape[1] / n_users)}
                 progress.append({"epoch": epoch, **stage_info})
-            history.append({"epoch": epoch, "valid": valid, "loss": epoch_loss, "phase": phase})
-            value = valid[cfg.select_metric]
+            history.append({"epoch": epoch, "valid": valid, "loss": event["loss"], "phase": phase})
+            value = valid[cfg.select_metric]                          # all-reduced: every rank decides alike
             if value > best:
                 best, best_epoch, bad = value, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
             else:
                 bad += 1
+            if cfg.checkpoint:
+                _save_checkpoint(checkpoint_uri, cfg, rank, {
+                    "epoch": epoch, "student": _gather_rows(student.state_dict()), "best_state": _gather_rows(best_state),
+                    "optimizer": _gather_optimizer(optimizer.state_dict()), "stage": _gather(stage),
+                    "last": _gather(last), "history": history, "progress": progress,
+                    "best": best, "best_epoch": best_epoch, "bad": bad, "resumes": resumes})
             event.update(valid=value, best=best, stages=stage_info)
             report(event)
             if bad >= cfg.patience:
@@ -171,14 +258,124 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     student.load_state_dict(best_state)
     student.eval()
     with torch.no_grad():
-        test = evaluate_split(student.scores, data, "test", ks, users=eval_users)
-        valid = evaluate_split(student.scores, data, "valid", ks, users=eval_users)
+        test = _evaluate(student, data, "test", ks, eval_users)
+        valid = _evaluate(student, data, "valid", ks, eval_users)
     metrics = {"method": cfg.method, "best_epoch": best_epoch, "epochs": history[-1]["epoch"] if history else 0,
                "train_seconds": train_seconds, "test": test, "valid": valid, "history": history,
-               "dkc_progress": progress, "teachers": teacher_uris,
+               "dkc_progress": progress, "teachers": teacher_uris, "workers": world,
+               "resumed_from": resumes,
                "state_bytes": None if cfg.method == "bpr" else int(state_bytes)}
-    _write_outputs(out, cfg, student, metrics)
+    full = _gather_rows(student.state_dict())
+    if rank == 0:
+        _write_outputs(out, cfg, full, metrics)
+        if cfg.checkpoint and storage.exists(checkpoint_uri):
+            fs, path = storage.filesystem(checkpoint_uri)
+            fs.rm(path, recursive=True)
+    if world > 1:
+        dist.barrier()
     return metrics
+
+
+# ----------------------------------------------------------------------------- collectives (no-ops in one process)
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum(x: Any) -> Any:
+    """The sum over ranks of a number or tensor."""
+    if not _distributed():
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t if isinstance(x, torch.Tensor) else t.item()
+
+
+def _any(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` has a True element on any rank."""
+    return bool(_sum(float(mask.any())) > 0)
+
+
+def _all_reduce_grad(weight: torch.Tensor) -> None:
+    if _distributed():
+        dist.all_reduce(weight.grad)
+
+
+def _evaluate(student: Student, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
+    """Metrics over every rank's users: this rank's sums, all-reduced."""
+    other = data.test if split == "valid" else data.valid
+    sums = evaluate_sums(student.scores, data.train, data.split(split), exclude=[other], ks=ks, users=users)
+    if _distributed():
+        vector = torch.from_numpy(np.concatenate([[sums.n_users, sums.gap_profile, sums.n_profile],
+                                                  sums.recall, sums.ndcg, sums.gap_rec, sums.arp]))
+        dist.all_reduce(vector)
+        covered = torch.from_numpy(sums.covered.astype(np.uint8))
+        dist.all_reduce(covered, op=dist.ReduceOp.MAX)
+        v, nk = vector.numpy(), len(sums.ks)
+        sums = RankingSums(ks=sums.ks, n_users=int(round(v[0])), gap_profile=float(v[1]), n_profile=int(round(v[2])),
+                           recall=v[3:3 + nk], ndcg=v[3 + nk:3 + 2 * nk], gap_rec=v[3 + 2 * nk:3 + 3 * nk],
+                           arp=v[3 + 3 * nk:3 + 4 * nk], covered=covered.numpy().astype(bool))
+    return sums.metrics()
+
+
+def _gather(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (users in rank order), concatenated; on every rank."""
+    if not _distributed():
+        return local.detach().clone()
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local.detach())
+    return torch.cat(parts)
+
+
+def _gather_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A student state_dict with the whole user table (gathered) and the item table."""
+    return {USER_KEY: _gather(state[USER_KEY]), ITEM_KEY: state[ITEM_KEY].detach().clone()}
+
+
+def _rows(state: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {USER_KEY: state[USER_KEY][start:stop].clone(), ITEM_KEY: state[ITEM_KEY].clone()}
+
+
+def _gather_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """Adam's state_dict with the user table's moments gathered (param 0 is the user table)."""
+    out = {"param_groups": state["param_groups"], "state": dict(state["state"])}
+    if 0 in out["state"]:
+        user = out["state"][0]
+        out["state"][0] = {k: _gather(v) if v.dim() == 2 else v for k, v in user.items()}
+    return out
+
+
+def _optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    out = {"param_groups": state["param_groups"], "state": dict(state["state"])}
+    if 0 in out["state"]:
+        out["state"][0] = {k: v[start:stop].clone() if v.dim() == 2 else v for k, v in out["state"][0].items()}
+    return out
+
+
+_RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs")
+
+
+def _run_config(cfg: DistillConfig) -> dict[str, Any]:
+    """The settings a checkpoint must agree on to be resumed (not the worker count)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_IGNORES}
+
+
+def _same_run(uri: str, cfg: DistillConfig) -> bool:
+    import json
+
+    return storage.read_manifest(uri).get("config") == json.loads(json.dumps(_run_config(cfg)))
+
+
+def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, Any]) -> None:
+    """Rank 0 writes ``state.pt`` + manifest; the others wait, so no rank runs ahead of a checkpoint."""
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with storage.open_output(uri, kind="student-checkpoint", config=_run_config(cfg)) as o:
+            o.extra["epoch"] = state["epoch"]
+            o.write_bytes("state.pt", buffer.getvalue())
+    if _distributed():
+        dist.barrier()
 
 
 def _observed_mask(data: Dataset, users: np.ndarray, n_items: int) -> torch.Tensor:
@@ -208,9 +405,9 @@ def _observed_ranking(observed: torch.Tensor, n_items: int, size: int, importanc
     return out
 
 
-def _write_outputs(out: str, cfg: DistillConfig, student: Student, metrics: dict[str, Any]) -> None:
+def _write_outputs(out: str, cfg: DistillConfig, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
     buffer = io.BytesIO()
-    torch.save(student.state_dict(), buffer)
+    torch.save(state, buffer)
     with storage.open_output(out, kind="student", config=asdict(cfg)) as o:
         o.write_bytes("student.pt", buffer.getvalue())
         o.write_json("metrics.json", metrics)

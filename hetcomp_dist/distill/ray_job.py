@@ -1,0 +1,107 @@
+"""Distillation on Ray Train: a TorchTrainer of ``distill.workers`` workers running the one loop.
+
+    hetcomp distill --ray --config configs/citeulike.yaml --set distill.workers=2
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/citeulike.yaml
+
+The driver prepares the dataset (if missing) and starts the trainer; each worker joins the gloo
+process group that Ray Train made and calls :func:`hetcomp_dist.distill.train.distill`, which
+splits the users by contiguous ranges over the ranks (see its module docstring: user rows local to
+their owner, the item table replicated with its gradient all-reduced, evaluation sums all-reduced,
+rank 0 writes). The driver reads the result from ``<out>/metrics.json``.
+
+Fault tolerance: the loop writes ``<out>/checkpoint`` (with a manifest) at every evaluation. If a
+worker dies, Ray Train restarts the whole worker group (``FailureConfig(max_failures=ray.max_restarts)``)
+and the new workers resume from that checkpoint: our storage checkpoints, not Ray Train's, so a
+rerun by hand, a different worker count and the one-process path resume the same way.
+
+Test hook: with ``HETCOMP_FAULT_KILL_EPOCH=N`` and ``HETCOMP_FAULT_MARKER=<path>`` in the
+workers' environment, the last rank SIGKILLs itself right after the evaluation (and checkpoint)
+of epoch N, once (the marker file records that it did).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from hetcomp_dist import storage
+from hetcomp_dist.pipeline import RunConfig, ensure_dataset
+
+
+def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
+                storage_path: str | None = None) -> dict[str, Any]:
+    """Run the distillation on Ray Train with ``cfg.distill.workers`` workers; returns metrics.json's content.
+
+    Args:
+        cfg: the run config (``distill.workers``, ``cpus_per_worker``, ``gpus_per_worker``;
+            ``ray.address`` / $RAY_ADDRESS to join a cluster, else a local instance; ``ray.max_restarts``
+            worker-group restarts after a failure).
+        report: called on the driver with the final metrics' summary line data (progress is printed
+            by rank 0 inside the workers and reaches the driver's log through Ray).
+        storage_path: Ray Train's own run directory (default ~/ray_results); our checkpoints and
+            outputs live under the run URI regardless.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hetcomp_dist.teachers.actors import _init_ray
+    from hetcomp_dist.teachers.train import teacher_uri
+
+    d = cfg.distill
+    names = d.teachers or [t.name for t in cfg.teachers]
+    uris = [storage.join(teacher_uri(cfg.run, n), "trajectory") for n in names]
+    out = d.out or storage.join(cfg.run, "distill", d.method)
+    dataset_uri = ensure_dataset(cfg)
+    started = _init_ray(cfg.ray)
+    try:
+        resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "teacher_uris": uris, "out": out},
+            # The loop computes on the CPU (gloo) even where GPUs are reserved: it is not moved to CUDA yet.
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=storage_path,
+                                      failure_config=FailureConfig(max_failures=cfg.ray.max_restarts)),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = storage.read_json(out, "metrics.json")
+    if report:
+        report(metrics)
+    return metrics
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the distillation loop on this rank's users."""
+    import json
+
+    import ray.train
+
+    from hetcomp_dist.distill.train import distill
+
+    cfg: RunConfig = config["cfg"]
+    if cfg.storage.endpoint_url:
+        storage.configure(endpoint_url=cfg.storage.endpoint_url)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    kill_epoch = os.environ.get("HETCOMP_FAULT_KILL_EPOCH")
+    marker = os.environ.get("HETCOMP_FAULT_MARKER")
+
+    def report(event: dict) -> None:
+        if rank == 0 and ("valid" in event or event["event"] == "resumed"):
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}), flush=True)
+        if "valid" in event:  # every rank evaluates, so every rank reports (Ray Train's report is collective)
+            ray.train.report({"epoch": event["epoch"], "valid": event["valid"], "best": event["best"]})
+            if (kill_epoch and marker and int(kill_epoch) == event["epoch"] and rank == world - 1
+                    and not Path(marker).exists()):
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    distill(config["dataset_uri"], config["teacher_uris"], cfg.distill, config["out"], tuple(cfg.ks), report)
