@@ -65,6 +65,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.evaluate import RankingSums
 from hetcomp_dist.models.cml import CML
 from hetcomp_dist.models.mf import BPRMF
 from hetcomp_dist.models.neumf import NeuMF
@@ -386,3 +387,52 @@ def local_batch(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> d
     if b == 0:
         return None
     return {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- collectives (no-ops in one process)
+
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks(x: Any) -> Any:
+    """The sum over ranks of a number or tensor."""
+    if not is_distributed():
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t if isinstance(x, torch.Tensor) else t.item()
+
+
+def any_over_ranks(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` has a True element on any rank."""
+    return bool(sum_over_ranks(float(mask.any())) > 0)
+
+
+def all_reduce_grad(weight: torch.Tensor) -> None:
+    if is_distributed():
+        dist.all_reduce(weight.grad)
+
+
+def gather_cat(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (users in rank order), concatenated; on every rank."""
+    if not is_distributed():
+        return local.detach().clone()
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local.detach())
+    return torch.cat(parts)
+
+
+def all_reduce_ranking_sums(sums: RankingSums) -> RankingSums:
+    """Evaluation sums over every rank's users (SUM for the sums, MAX for the coverage masks)."""
+    if not is_distributed():
+        return sums
+    vector = torch.from_numpy(np.concatenate([[sums.n_users, sums.gap_profile, sums.n_profile],
+                                              sums.recall, sums.ndcg, sums.gap_rec, sums.arp]))
+    dist.all_reduce(vector)
+    covered = torch.from_numpy(sums.covered.astype(np.uint8))
+    dist.all_reduce(covered, op=dist.ReduceOp.MAX)
+    v, nk = vector.numpy(), len(sums.ks)
+    return RankingSums(ks=sums.ks, n_users=int(round(v[0])), gap_profile=float(v[1]), n_profile=int(round(v[2])),
+                       recall=v[3:3 + nk], ndcg=v[3 + nk:3 + 2 * nk], gap_rec=v[3 + 2 * nk:3 + 3 * nk],
+                       arp=v[3 + 3 * nk:3 + 4 * nk], covered=covered.numpy().astype(bool))

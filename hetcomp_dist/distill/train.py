@@ -35,7 +35,6 @@ Methods:
 from __future__ import annotations
 
 import io
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
@@ -45,11 +44,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hetcomp_dist import storage
+from hetcomp_dist import distributed, storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import akt, dkc
 from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
-from hetcomp_dist.evaluate import RankingSums, evaluate_sums, topk_items
+from hetcomp_dist.evaluate import evaluate_sums, topk_items
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.tables import Tables
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
@@ -167,7 +166,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         report({"event": "resumed", "epoch": ckpt["epoch"]})
     if cfg.method != "bpr":
         targets = _targets(lists, stage, n_items, cfg.target_size, importance)
-        state_bytes = _sum(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8)
+        state_bytes = distributed.sum_over_ranks(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8)
     train_users, train_items = data.train.users(), data.train.indices
     index = sampling.PairIndex(data.train)
     start_time = time.perf_counter()
@@ -177,7 +176,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(data.train.nnz)                      # the global order, the same on every rank
         epoch_loss, t0 = 0.0, time.perf_counter()
-        phase = "bpr" if cfg.method == "bpr" else ("L_O" if _any(stage < n_stages - 1) else "L_R")
+        phase = "bpr" if cfg.method == "bpr" else ("L_O" if distributed.any_over_ranks(stage < n_stages - 1) else "L_R")
         for lo in range(0, len(order), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
             own = (train_users[rows] >= start) & (train_users[rows] < stop)
@@ -203,17 +202,17 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
             optimizer.zero_grad(set_to_none=False)
             if loss.requires_grad:
                 loss.backward()
-            _all_reduce_grad(item_weight)                             # items: sum of every rank's users
+            distributed.all_reduce_grad(item_weight)                             # items: sum of every rank's users
             optimizer.step()
             epoch_loss += loss.item()
-        event = {"event": "epoch", "epoch": epoch, "loss": _sum(epoch_loss), "phase": phase,
+        event = {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(epoch_loss), "phase": phase,
                  "epoch_seconds": time.perf_counter() - t0}
 
         if epoch % cfg.eval_every == 0:
             student.eval()
             with torch.no_grad():
                 valid = _evaluate(student, data, "valid", ks, eval_users)
-                if cfg.method == "hetcomp" and _any(stage < n_stages - 1):
+                if cfg.method == "hetcomp" and distributed.any_over_ranks(stage < n_stages - 1):
                     top = torch.from_numpy(topk_items(student.scores, data.train, users=np.arange(start, stop),
                                                       k=dkc.DISCREPANCY_K).astype(np.int64))
                     d_next = dkc.discrepancy(top, dkc.next_stage_lists(lists, stage))
@@ -231,8 +230,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                                                               cfg.target_size, importance)
             stage_info = None
             if cfg.method != "bpr":
-                stage_info = {"mean_stage": (_sum(stage.float().sum(0)) / n_users).tolist(),
-                              "final_fraction": float(_sum((stage == n_stages - 1).float().sum()) / stage.shape[1] / n_users)}
+                stage_info = {"mean_stage": (distributed.sum_over_ranks(stage.float().sum(0)) / n_users).tolist(),
+                              "final_fraction": float(distributed.sum_over_ranks((stage == n_stages - 1).float().sum()) / stage.shape[1] / n_users)}
                 progress.append({"epoch": epoch, **stage_info})
             history.append({"epoch": epoch, "valid": valid, "loss": event["loss"], "phase": phase})
             value = valid[cfg.select_metric]                          # all-reduced: every rank decides alike
@@ -244,8 +243,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
             if cfg.checkpoint:
                 _save_checkpoint(checkpoint_uri, cfg, rank, {
                     "epoch": epoch, "student": _gather_rows(student.state_dict()), "best_state": _gather_rows(best_state),
-                    "optimizer": _gather_optimizer(optimizer.state_dict()), "stage": _gather(stage),
-                    "last": _gather(last), "history": history, "progress": progress,
+                    "optimizer": _gather_optimizer(optimizer.state_dict()), "stage": distributed.gather_cat(stage),
+                    "last": distributed.gather_cat(last), "history": history, "progress": progress,
                     "best": best, "best_epoch": best_epoch, "bad": bad, "resumes": resumes})
             event.update(valid=value, best=best, stages=stage_info)
             report(event)
@@ -276,60 +275,16 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     return metrics
 
 
-# ----------------------------------------------------------------------------- collectives (no-ops in one process)
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _sum(x: Any) -> Any:
-    """The sum over ranks of a number or tensor."""
-    if not _distributed():
-        return x
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
-    dist.all_reduce(t)
-    return t if isinstance(x, torch.Tensor) else t.item()
-
-
-def _any(mask: torch.Tensor) -> bool:
-    """Whether ``mask`` has a True element on any rank."""
-    return bool(_sum(float(mask.any())) > 0)
-
-
-def _all_reduce_grad(weight: torch.Tensor) -> None:
-    if _distributed():
-        dist.all_reduce(weight.grad)
-
-
 def _evaluate(student: Student, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
     """Metrics over every rank's users: this rank's sums, all-reduced."""
     other = data.test if split == "valid" else data.valid
     sums = evaluate_sums(student.scores, data.train, data.split(split), exclude=[other], ks=ks, users=users)
-    if _distributed():
-        vector = torch.from_numpy(np.concatenate([[sums.n_users, sums.gap_profile, sums.n_profile],
-                                                  sums.recall, sums.ndcg, sums.gap_rec, sums.arp]))
-        dist.all_reduce(vector)
-        covered = torch.from_numpy(sums.covered.astype(np.uint8))
-        dist.all_reduce(covered, op=dist.ReduceOp.MAX)
-        v, nk = vector.numpy(), len(sums.ks)
-        sums = RankingSums(ks=sums.ks, n_users=int(round(v[0])), gap_profile=float(v[1]), n_profile=int(round(v[2])),
-                           recall=v[3:3 + nk], ndcg=v[3 + nk:3 + 2 * nk], gap_rec=v[3 + 2 * nk:3 + 3 * nk],
-                           arp=v[3 + 3 * nk:3 + 4 * nk], covered=covered.numpy().astype(bool))
-    return sums.metrics()
-
-
-def _gather(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (users in rank order), concatenated; on every rank."""
-    if not _distributed():
-        return local.detach().clone()
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local.detach())
-    return torch.cat(parts)
+    return distributed.all_reduce_ranking_sums(sums).metrics()
 
 
 def _gather_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A student state_dict with the whole user table (gathered) and the item table."""
-    return {USER_KEY: _gather(state[USER_KEY]), ITEM_KEY: state[ITEM_KEY].detach().clone()}
+    return {USER_KEY: distributed.gather_cat(state[USER_KEY]), ITEM_KEY: state[ITEM_KEY].detach().clone()}
 
 
 def _rows(state: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -341,7 +296,7 @@ def _gather_optimizer(state: dict[str, Any]) -> dict[str, Any]:
     out = {"param_groups": state["param_groups"], "state": dict(state["state"])}
     if 0 in out["state"]:
         user = out["state"][0]
-        out["state"][0] = {k: _gather(v) if v.dim() == 2 else v for k, v in user.items()}
+        out["state"][0] = {k: distributed.gather_cat(v) if v.dim() == 2 else v for k, v in user.items()}
     return out
 
 
@@ -374,7 +329,7 @@ def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, A
         with storage.open_output(uri, kind="student-checkpoint", config=_run_config(cfg)) as o:
             o.extra["epoch"] = state["epoch"]
             o.write_bytes("state.pt", buffer.getvalue())
-    if _distributed():
+    if distributed.is_distributed():
         dist.barrier()
 
 
