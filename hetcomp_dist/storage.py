@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -314,15 +314,24 @@ def read_table(uri: str, name: str, columns: list[str] | None = None,
 
 
 @contextlib.contextmanager
-def parquet_file(uri: str, name: str, manifest: dict[str, Any] | None = None) -> Iterator[pq.ParquetFile]:
-    """Open a Parquet part for partial reads (row groups); checks the size, not the sha256."""
-    entry = _part_entry(uri, name, manifest)
-    fs, path = filesystem(join(uri, name))
+def parquet_file(uri: str, name: str, manifest: dict[str, Any] | None = None, *,
+                 entry: dict[str, Any] | None = None,
+                 wrap: Callable[[Any], Any] | None = None) -> Iterator[pq.ParquetFile]:
+    """Open a Parquet part for partial reads (row groups); checks the size, not the sha256.
+
+    Remote parts are read with ranged GETs for exactly what Parquet asks for (no read-ahead cache),
+    and page checksums are verified. ``entry`` (the part's manifest entry) saves reading the
+    manifest again; ``wrap`` wraps the raw file (e.g. to count bytes read).
+    """
+    entry = entry if entry is not None else _part_entry(uri, name, manifest)
+    where = join(uri, name)
+    fs, path = filesystem(where)
     try:
         size = fs.size(path)
     except FileNotFoundError:
-        raise StorageError(f"{join(uri, name)}: listed in the manifest but missing") from None
+        raise StorageError(f"{where}: listed in the manifest but missing") from None
     if size != entry["bytes"]:
-        raise StorageError(f"{join(uri, name)}: {size} bytes, manifest says {entry['bytes']}")
-    with fs.open(path, "rb") as f:
-        yield pq.ParquetFile(f)
+        raise StorageError(f"{where}: {size} bytes, manifest says {entry['bytes']}")
+    options = {} if _is_local(fs) else {"cache_type": "none"}
+    with fs.open(path, "rb", **options) as raw:
+        yield pq.ParquetFile(wrap(raw) if wrap else raw, page_checksum_verification=True)

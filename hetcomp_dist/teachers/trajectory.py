@@ -537,17 +537,7 @@ def _read_rows(uri: str, name: str, entry: Mapping[str, Any], width: int, start:
     _count(stats, "row_groups_total", len(index))
     _count(stats, "row_groups_read", len(groups))
     where = storage.join(uri, name)
-    fs, path = storage.filesystem(where)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise StorageError(f"{where}: listed in the manifest but missing") from None
-    if size != entry["bytes"]:
-        raise StorageError(f"{where}: {size} bytes, manifest says {entry['bytes']}")
-    local = fs.protocol == "file" or "file" in fs.protocol
-    options = {} if local else {"cache_type": "none"}  # ranged GETs for exactly what Parquet asks for
-    with fs.open(path, "rb", **options) as raw:
-        pf = pq.ParquetFile(_CountingFile(raw, stats), page_checksum_verification=True)
+    with storage.parquet_file(uri, name, entry=dict(entry), wrap=lambda raw: _CountingFile(raw, stats)) as pf:
         meta = pf.metadata
         if meta.num_row_groups != len(index) or any(
                 meta.row_group(j).num_rows != b - a for j, (a, b) in enumerate(index)):
