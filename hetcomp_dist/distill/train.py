@@ -74,6 +74,12 @@ class DistillConfig:
     alpha: float = 1.05
     decay: float = 0.995
     score_clamp: float = 40.0
+    # Debiasing (ALGORITHM.md §7); 0 switches each off, and they combine.
+    dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
+    dissensus_weight: float = 0.0    # strategy B, gamma: up-weight target items few teachers agree on (and niche)
+    ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by pop(i)^-eta (mean 1 per user)
+    pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
+    sampled_negatives: int = 0       # 0: exact softmax over all unobserved items; n: n uniform samples, log-Q corrected
     seed: int = 0
     threads: int = 2
     out: str | None = None           # default: <run>/distill/<method>
