@@ -131,7 +131,8 @@ def _cmd_train_teachers(args: argparse.Namespace) -> None:
 def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil the run's teachers into a student (one process, or Ray Train with --ray)",
                        description="Build ensemble targets from the teachers' trajectories, run DKC and AKT, and "
-                       "write the student, metrics.json and report.md under <run>/distill/<method>.")
+                       "write the student, metrics.json, report.md and its plots (curves.png, stages.png) under "
+                       "<run>/distill/<method>.")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.method=ensemble")
@@ -164,6 +165,44 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     print(f"student ({metrics['method']}): test " + ", ".join(f"{k} {t[k]:.4f}" for k in t if k.startswith(("recall", "ndcg"))))
 
 
+def _ensemble_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="evaluate each teacher's final snapshot alone and the teachers' ensemble",
+                       description="On the run's prepared dataset, evaluate every teacher's final trajectory "
+                       "snapshot alone and the ensemble of all of them (distill.teachers if set) with rank "
+                       "importance exp(-r / temperature); print test and valid tables and the ensemble's gain "
+                       "over the best teacher; write metrics.json and report.md under <run>/ensemble.")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.teachers=[MF,GNN]")
+    p.add_argument("--temperature", type=float, help="rank-importance temperature (default: distill.temperature)")
+    p.add_argument("--out", metavar="URI", help="output location (default: <run>/ensemble)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_cmd_ensemble)
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> None:
+    from hetcomp_dist import config
+    from hetcomp_dist.distill import ensemble_eval
+    from hetcomp_dist.pipeline import RunConfig
+
+    cfg = config.load(RunConfig, args.config, args.overrides)
+    if cfg.storage.endpoint_url:
+        storage.configure(endpoint_url=cfg.storage.endpoint_url)
+
+    def show(done: int, total: int) -> None:
+        print(f"\revaluated users {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    results = ensemble_eval.evaluate_ensemble(cfg, args.temperature, progress=None if args.quiet else show)
+    out = args.out or storage.join(cfg.run, "ensemble")
+    ensemble_eval.write_results(results, out)
+    print(f"temperature {results['temperature']:g}, {results['n_users']} evaluated users, "
+          f"{results['seconds']:.1f} s")
+    print("\ntest\n" + ensemble_eval.format_table(results, "test"))
+    print("\nvalid\n" + ensemble_eval.format_table(results, "valid"))
+    print("\n" + ensemble_eval.format_comparison(results))
+    print(f"written to {out}")
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job end to end on local disk: prepare CiteULike, evaluate reference recommenders")
     p.add_argument("--dataset", default="citeulike-t", help="registered dataset name or raw path")
@@ -192,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reference_parser(sub)
     _train_teachers_parser(sub)
     _distill_parser(sub)
+    _ensemble_parser(sub)
     _demo_parser(sub)
     return parser
 

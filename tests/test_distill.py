@@ -67,7 +67,7 @@ def test_hetcomp_writes_outputs_and_advances_stages(run):
     out = str(root / "hetcomp")
     metrics = distill(ds_uri, uris, _cfg("hetcomp"), out, ks=(10, 20))
     manifest = storage.read_manifest(out)
-    assert set(manifest["parts"]) == {"student.pt", "metrics.json", "report.md"}
+    assert set(manifest["parts"]) == {"student.pt", "metrics.json", "report.md", "curves.png", "stages.png"}
     saved = storage.read_json(out, "metrics.json")
     for split in ("test", "valid"):
         assert {"recall@20", "ndcg@20", "popularity_lift@20", "coverage@20"} <= set(saved[split])

@@ -88,7 +88,7 @@ def test_two_workers_match_one_process(ray_run, tmp_path: Path) -> None:
     assert "student (hetcomp): test " in proc.stdout and "recall@10" in proc.stdout
     metrics = storage.read_json(out, "metrics.json")
     assert metrics["workers"] == 2 and metrics["resumed_from"] == []
-    assert set(storage.read_manifest(out)["parts"]) == {"student.pt", "metrics.json", "report.md"}
+    assert set(storage.read_manifest(out)["parts"]) == {"student.pt", "metrics.json", "report.md", "curves.png", "stages.png"}
     assert not Path(out, "checkpoint").exists()  # removed once the outputs are written
     _same_metrics(metrics, single)
     assert metrics["test"]["n_users"] == single["test"]["n_users"]

@@ -369,19 +369,10 @@ def _observed_ranking(observed: torch.Tensor, n_items: int, size: int, importanc
 def _write_outputs(out: str, cfg: DistillConfig, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    from hetcomp_dist.distill.report import render as render_report  # matplotlib: imported only here
+
     with storage.open_output(out, kind="student", config=asdict(cfg)) as o:
         o.write_bytes("student.pt", buffer.getvalue())
         o.write_json("metrics.json", metrics)
-        o.write_bytes("report.md", _report(metrics).encode())
-
-
-def _report(m: dict[str, Any]) -> str:
-    lines = [f"# Student ({m['method']})", "", f"best epoch {m['best_epoch']} of {m['epochs']}, "
-             f"{m['train_seconds']:.0f} s", "", "| split | " + " | ".join(k for k in m["test"] if "@" in k) + " |",
-             "|---|" + "---|" * sum("@" in k for k in m["test"])]
-    for split in ("valid", "test"):
-        lines.append(f"| {split} | " + " | ".join(f"{v:.4f}" for k, v in m[split].items() if "@" in k) + " |")
-    if m["dkc_progress"]:
-        lines += ["", "DKC stage progress (fraction of user-teacher pairs at the final stage):", ""]
-        lines += [f"- epoch {p['epoch']}: {p['final_fraction']:.3f}" for p in m["dkc_progress"]]
-    return "\n".join(lines) + "\n"
+        for name, data in render_report(metrics, cfg.select_metric).items():  # report.md, curves.png[, stages.png]
+            o.write_bytes(name, data)
