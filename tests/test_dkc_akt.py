@@ -105,47 +105,97 @@ def test_stage_lists_gather():
             assert nxt[u, t].tolist() == lists[u, t, min(stage[u, t] + 1, 3)].tolist()
 
 
+def _losses(scores, observed, p, t, kind, weights=None, chunk=4096, dtype=torch.float64):
+    """The AKT loss through the embedding-level API, with e_u = the user's score row and e_i = one-hot(i),
+    so that s_ui = scores[u, i] exactly and d loss / d e_u = d loss / d scores."""
+    u = torch.tensor(scores, dtype=dtype, requires_grad=True)
+    w = torch.eye(scores.shape[1], dtype=dtype)
+    p_t, t_t = torch.from_numpy(p), torch.from_numpy(t)
+    exclude = torch.cat([_pad_rows(observed), t_t], 1)
+    rest = akt.unobserved_exp_sum(u, w, exclude, 40.0, chunk=chunk)
+    fn = akt.overall_loss if kind == "overall" else akt.ranking_loss
+    return u, fn(akt.list_scores(u, w, p_t, 40.0), akt.list_scores(u, w, t_t, 40.0), p_t, t_t, rest, weights)
+
+
+def _pad_rows(observed: np.ndarray) -> torch.Tensor:
+    width = int(observed.sum(1).max())
+    out = torch.full((len(observed), width), -1, dtype=torch.long)
+    for u, row in enumerate(observed):
+        items = np.flatnonzero(row)
+        out[u, :len(items)] = torch.from_numpy(items)
+    return out
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_overall_loss_and_gradient(seed):
     scores, observed, p, t = _case(seed)
-    s = torch.tensor(scores, dtype=torch.float32, requires_grad=True)
-    got = akt.overall_loss(s, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t))
-    for u in range(len(scores)):
-        assert got[u].item() == pytest.approx(ref_overall(scores[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist()), rel=1e-4)
-    got.sum().backward()
-    s64 = torch.tensor(scores, dtype=torch.float64, requires_grad=True)
-    akt.overall_loss(s64, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t)).sum().backward()
+    refs = [ref_overall(scores[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist()) for u in range(len(scores))]
     ref_grad = _numeric_grad(lambda x: sum(ref_overall(x[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist())
                                            for u in range(len(x))), scores)
-    np.testing.assert_allclose(s64.grad.numpy(), ref_grad, atol=1e-5)
-    np.testing.assert_allclose(s.grad.numpy(), ref_grad, atol=1e-4)
+    for dtype, chunk, tol in ((torch.float64, 4096, 1e-5), (torch.float64, 17, 1e-5), (torch.float32, 32, 1e-4)):
+        u, got = _losses(scores, observed, p, t, "overall", chunk=chunk, dtype=dtype)
+        np.testing.assert_allclose(got.detach().numpy(), refs, rtol=tol)
+        got.sum().backward()
+        np.testing.assert_allclose(u.grad.numpy(), ref_grad, atol=tol)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ranking_loss_and_gradient(seed):
     scores, observed, p, t = _case(seed)
-    s64 = torch.tensor(scores, dtype=torch.float64, requires_grad=True)
-    got = akt.ranking_loss(s64, torch.from_numpy(observed), torch.from_numpy(p), torch.from_numpy(t))
-    for u in range(len(scores)):
-        assert got[u].item() == pytest.approx(ref_ranking(scores[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist()), rel=1e-9)
+    u, got = _losses(scores, observed, p, t, "ranking", chunk=50)
+    for b in range(len(scores)):
+        assert got[b].item() == pytest.approx(ref_ranking(scores[b], set(np.flatnonzero(observed[b])), p[b].tolist(), t[b].tolist()), rel=1e-9)
     got.sum().backward()
-    ref_grad = _numeric_grad(lambda x: sum(ref_ranking(x[u], set(np.flatnonzero(observed[u])), p[u].tolist(), t[u].tolist())
-                                           for u in range(len(x))), scores)
-    np.testing.assert_allclose(s64.grad.numpy(), ref_grad, atol=1e-5)
+    ref_grad = _numeric_grad(lambda x: sum(ref_ranking(x[b], set(np.flatnonzero(observed[b])), p[b].tolist(), t[b].tolist())
+                                           for b in range(len(x))), scores)
+    np.testing.assert_allclose(u.grad.numpy(), ref_grad, atol=1e-5)
+
+
+def test_weights_scale_target_terms_only():
+    scores, observed, p, t = _case(3, b=2)
+    w = torch.ones(t.shape, dtype=torch.float64)
+    _, plain = _losses(scores, observed, p, t, "overall")
+    _, same = _losses(scores, observed, p, t, "overall", weights=w)
+    _, doubled = _losses(scores, observed, p, t, "overall", weights=2 * w)
+    _, no_targets = _losses(scores, observed, p, np.full_like(t, -1), "overall")
+    np.testing.assert_allclose(same.detach().numpy(), plain.detach().numpy())
+    # the P terms depend on T only through rest, which is the same here: doubling T's terms adds them once more
+    _, p_only = _losses(scores, observed, p, t, "overall", weights=0 * w)
+    np.testing.assert_allclose(doubled.detach().numpy(), 2 * plain.detach().numpy() - p_only.detach().numpy())
+    assert (no_targets.detach() < plain.detach()).all()
+
+
+def test_clamped_scores_pass_no_gradient_through_the_sum():
+    u = torch.tensor([[50.0, 1.0, -60.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    rest = akt.unobserved_exp_sum(u, torch.eye(4, dtype=torch.float64), torch.tensor([[3, -1]]), 40.0, chunk=2)
+    assert rest.item() == pytest.approx(math.exp(40) + math.exp(1) + math.exp(-40))
+    rest.backward()
+    assert u.grad.tolist() == [[0.0, math.exp(1), 0.0, 0.0]]
+
+
+def test_sampled_sum_estimates_the_exact_sum():
+    scores, observed, p, t = _case(4, b=3, n=300)
+    u = torch.tensor(scores)
+    w = torch.eye(300, dtype=torch.float64)
+    exclude = torch.cat([_pad_rows(observed), torch.from_numpy(t)], 1)
+    exact = akt.unobserved_exp_sum(u, w, exclude, 40.0)
+    estimate = akt.unobserved_exp_sum(u, w, exclude, 40.0, sampled=200_000, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(estimate.numpy(), exact.numpy(), rtol=0.02)
+    small = akt.unobserved_exp_sum(u, w, exclude, 40.0, sampled=5, generator=torch.Generator().manual_seed(1))
+    assert not np.allclose(small.numpy(), exact.numpy(), rtol=0.02)   # an estimate, not the sum
 
 
 def test_observed_and_unobserved_never_compared():
     """Raising an observed item's score must not change the target items' terms."""
     scores, observed, p, t = _case(5, b=1)
-    base = akt.plackett_luce(torch.tensor(scores), torch.from_numpy(t[:, :50]),
-                             torch.tensor([0.0]))
     bumped = scores.copy()
     bumped[0, np.flatnonzero(observed[0])] += 5
-    again = akt.plackett_luce(torch.tensor(bumped), torch.from_numpy(t[:, :50]), torch.tensor([0.0]))
-    assert again.item() == pytest.approx(base.item())
-    full = akt.ranking_loss(torch.tensor(scores), torch.from_numpy(observed), torch.full((1, 10), -1), torch.from_numpy(t))
-    full2 = akt.ranking_loss(torch.tensor(bumped), torch.from_numpy(observed), torch.full((1, 10), -1), torch.from_numpy(t))
+    no_p = np.full((1, 10), -1)
+    _, full = _losses(scores, observed, no_p, t, "ranking")
+    _, full2 = _losses(bumped, observed, no_p, t, "ranking")
     assert full.item() == pytest.approx(full2.item())
+    _, with_p = _losses(bumped, observed, p, t, "ranking")
+    assert with_p.item() != pytest.approx(full2.item())
 
 
 def _numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:

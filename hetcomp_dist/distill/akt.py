@@ -1,78 +1,142 @@
-"""Adaptive knowledge transfer losses (ALGORITHM.md §6), per user, on one batch of scores.
+"""Adaptive knowledge transfer losses (ALGORITHM.md §6), per user, without a dense score matrix.
 
-All inputs are per batch: scores [B, n_items] (already clamped to [-40, 40]), a bool mask of each
-user's observed (train) items [B, n_items], the observed ranking P [B, Lp] and the target
-permutation T [B, Lt], both -1 padded at the end. Observed and unobserved items are never
-compared with each other: every denominator sums over unobserved items only.
+The student scores s_ui = <e_u, e_i>, clamped to [-40, 40]. Per batch of B users the losses need
+only
+- the scores of the items in two short lists: the observed ranking P [B, Lp] and the target
+  permutation T [B, Lt] (both -1 padded at the end; T holds unobserved items only), and
+- rest_u = sum over j in N_u \\ T_u of e^{s_uj}: a sum over (nearly) every item.
+
+:func:`unobserved_exp_sum` computes rest_u in item chunks with a hand-written backward, so the
+B x n_items scores exist one chunk at a time (cache-sized) instead of as a dozen full B x n_items
+tensors (scores, clamp, exp, masks and their gradients); with ``sampled`` it estimates the sum
+from that many uniform item samples (log-Q corrected), for catalogues too large for the full sum.
+The sums over T^50 and T^10's complements follow by adding back T's tail terms, all positive, so
+nothing is subtracted. Observed and unobserved items are never compared: every denominator sums
+over unobserved items only.
 """
 
 from __future__ import annotations
 
 import torch
 
-CLAMP = 1e-5
+CLAMP = 1e-5          # denominators are clamped here before the log
 
 
-def _in_list(lists: torch.Tensor, n_items: int) -> torch.Tensor:
-    """bool [B, n_items]: item is in the user's (padded) list."""
-    # Padding goes to an extra column, so it can never overwrite a real item's entry.
-    mask = torch.zeros(lists.shape[0], n_items + 1, dtype=torch.bool)
-    mask.scatter_(1, torch.where(lists >= 0, lists, n_items).long(), True)
-    return mask[:, :n_items]
+def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.Tensor, clamp: float) -> torch.Tensor:
+    """Clamped scores of each user's listed items: float [B, L] (padding positions score 0)."""
+    items = item_weight[torch.where(lists >= 0, lists, 0)]                   # [B, L, d]
+    return torch.einsum("bd,bld->bl", user_emb, items).clamp(-clamp, clamp) * (lists >= 0)
 
 
-def _rest_sum(exp_scores: torch.Tensor, observed: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """sum over j in N_u minus the excluded list of e^{s_uj}: float [B]."""
-    return (exp_scores * ~(observed | excluded)).sum(1)
+class _ExcludedExpSum(torch.autograd.Function):
+    """sum_i e^{clamp(<u, w_i>)} over items not in ``exclude``, in item chunks."""
+
+    @staticmethod
+    def forward(ctx, user_emb, item_weight, exclude, clamp, chunk):
+        hits = _excluded_by_chunk(exclude, item_weight.shape[0], chunk)
+        total = user_emb.new_zeros(user_emb.shape[0])
+        for c0, (rows, cols) in hits:
+            e = (user_emb @ item_weight[c0:c0 + chunk].T).clamp_(-clamp, clamp).exp_()
+            e[rows, cols] = 0
+            total += e.sum(1)
+        ctx.save_for_backward(user_emb, item_weight)
+        ctx.hits, ctx.clamp, ctx.chunk = hits, clamp, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        user_emb, item_weight = ctx.saved_tensors
+        grad_user, grad_item = torch.zeros_like(user_emb), torch.zeros_like(item_weight)
+        for c0, (rows, cols) in ctx.hits:
+            w = item_weight[c0:c0 + ctx.chunk]
+            s = user_emb @ w.T
+            g = s.clamp(-ctx.clamp, ctx.clamp).exp_()
+            g[rows, cols] = 0
+            g.mul_(grad_total[:, None]).masked_fill_(s.abs() > ctx.clamp, 0)    # clamp passes no gradient
+            grad_user.addmm_(g, w)
+            grad_item[c0:c0 + ctx.chunk] = g.T @ user_emb
+        return grad_user, grad_item, None, None, None
 
 
-def overall_loss(scores: torch.Tensor, observed: torch.Tensor, p: torch.Tensor, t: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-    """L_O per user: - sum over i in P_u and T_u of log(e^{s_ui} / (e^{s_ui} + sum_{j in N_u \\ T_u} e^{s_uj})).
+def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
+    """[(chunk start, (rows, columns within the chunk))] of the excluded entries."""
+    out = []
+    for c0 in range(0, n_items, chunk):
+        rows, k = torch.nonzero((exclude >= c0) & (exclude < c0 + chunk), as_tuple=True)
+        out.append((c0, (rows, exclude[rows, k] - c0)))
+    return out
 
-    ``weights`` (optional, [B, Lp + Lt]) scales each positive's term. Returns float [B].
+
+def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclude: torch.Tensor, clamp: float,
+                       sampled: int = 0, generator: torch.Generator | None = None, chunk: int = 4096) -> torch.Tensor:
+    """rest_u = sum over items i not in ``exclude[u]`` of e^{clamp(s_ui)}: float [B], differentiable.
+
+    Args:
+        exclude: int [B, L], -1 padded: each user's observed items and target list (no duplicates
+            needed; duplicates are harmless for the exact sum).
+        sampled: 0 for the exact sum; m > 0 estimates it as (n_items - |exclude_u|) times the mean of
+            e^{s} over m uniform samples (shared by the batch) that are not excluded for u: uniform
+            proposal, so the log-Q correction is that one factor.
     """
-    e = scores.exp()
-    rest = _rest_sum(e, observed, _in_list(t, scores.shape[1]))
-    pos = torch.cat([p, t], 1)
-    valid = pos >= 0
-    s_pos = torch.gather(scores, 1, torch.where(valid, pos, 0).long())
-    terms = s_pos - torch.log((s_pos.exp() + rest[:, None]).clamp_min(CLAMP))
+    if not sampled:
+        return _ExcludedExpSum.apply(user_emb, item_weight, exclude, clamp, chunk)
+    n_items = item_weight.shape[0]
+    sample = torch.randint(n_items, (sampled,), generator=generator)
+    e = (user_emb @ item_weight[sample].T).clamp(-clamp, clamp).exp()       # [B, m]
+    ordered = torch.sort(torch.where(exclude >= 0, exclude, n_items), dim=1).values
+    pos = torch.searchsorted(ordered, sample.expand(len(ordered), -1).contiguous()).clamp_max(ordered.shape[1] - 1)
+    keep = torch.gather(ordered, 1, pos) != sample
+    distinct = (ordered < n_items) & torch.cat([torch.ones_like(ordered[:, :1], dtype=torch.bool),
+                                                ordered[:, 1:] != ordered[:, :-1]], 1)
+    candidates = (n_items - distinct.sum(1)).to(e.dtype)
+    return candidates * (e * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def overall_loss(s_p: torch.Tensor, s_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, rest: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L_O per user: - sum over i in P_u and T_u of log(e^{s_ui} / (e^{s_ui} + rest_u)); float [B].
+
+    ``s_p``/``s_t`` are :func:`list_scores` of P/T, ``rest`` is :func:`unobserved_exp_sum` excluding
+    observed and T items; ``weights`` (optional, [B, Lt]) scales the target items' terms.
+    """
+    def terms(s):
+        return s - torch.log((s.exp() + rest[:, None]).clamp_min(CLAMP))
+
+    t_terms = terms(s_t) * (t >= 0)
     if weights is not None:
-        terms = terms * weights
-    return -(terms * valid).sum(1)
+        t_terms = t_terms * weights
+    return -((terms(s_p) * (p >= 0)).sum(1) + t_terms.sum(1))
 
 
-def plackett_luce(scores: torch.Tensor, perm: torch.Tensor, rest: torch.Tensor,
+def plackett_luce(s: torch.Tensor, valid: torch.Tensor, rest: torch.Tensor,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_PL(pi; R) = - sum_k log(e^{s_pi_k} / (sum_{j >= k} e^{s_pi_j} + sum_{r in R} e^{s_r})).
 
     Args:
-        perm: int [B, L] permutation, -1 padded at the end. rest: float [B] = sum over R of e^{s}.
+        s: float [B, L] scores of the permutation's items; valid: bool [B, L] (padding False, at the end);
+        rest: float [B] = sum over R of e^{s}.
     Returns float [B].
     """
-    valid = perm >= 0
-    s = torch.gather(scores, 1, torch.where(valid, perm, 0).long())
     e = s.exp() * valid
     suffix = e.flip(1).cumsum(1).flip(1)
-    terms = s - torch.log((suffix + rest[:, None]).clamp_min(CLAMP))
+    terms = (s - torch.log((suffix + rest[:, None]).clamp_min(CLAMP))) * valid
     if weights is not None:
         terms = terms * weights
-    return -(terms * valid).sum(1)
+    return -terms.sum(1)
 
 
-def ranking_loss(scores: torch.Tensor, observed: torch.Tensor, p: torch.Tensor, t: torch.Tensor,
+def ranking_loss(s_p: torch.Tensor, s_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, rest: torch.Tensor,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_R per user: L_PL(P; N \\ T^50) + 0.5 * (L_PL(T^50; N \\ T^50) + L_PL(T^10; N \\ T^10)).
 
-    ``weights`` (optional, [B, Lt]) scales the target items' terms. Returns float [B].
+    ``rest`` is the sum over N \\ T (as for :func:`overall_loss`); the sums over N \\ T^50 and
+    N \\ T^10 add T's tail back. ``weights`` (optional, [B, Lt]) scales the target items' terms.
     """
-    e = scores.exp()
-    n_items = scores.shape[1]
-    t50, t10 = t[:, :50], t[:, :10]
-    rest50 = _rest_sum(e, observed, _in_list(t50, n_items))
-    rest10 = _rest_sum(e, observed, _in_list(t10, n_items))
+    e_t = s_t.exp() * (t >= 0)
+    rest50 = rest + e_t[:, 50:].sum(1)
+    rest10 = rest50 + e_t[:, 10:50].sum(1)
     w50 = None if weights is None else weights[:, :50]
     w10 = None if weights is None else weights[:, :10]
-    return (plackett_luce(scores, p, rest50)
-            + 0.5 * (plackett_luce(scores, t50, rest50, w50) + plackett_luce(scores, t10, rest10, w10)))
+    return (plackett_luce(s_p, p >= 0, rest50)
+            + 0.5 * (plackett_luce(s_t[:, :50], t[:, :50] >= 0, rest50, w50)
+                     + plackett_luce(s_t[:, :10], t[:, :10] >= 0, rest10, w10)))

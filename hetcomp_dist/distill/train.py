@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from hetcomp_dist import distributed, storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
-from hetcomp_dist.distill import akt, dkc
+from hetcomp_dist.distill import akt, baselines, dissensus, dkc
 from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
 from hetcomp_dist.evaluate import evaluate_sums, topk_items
 from hetcomp_dist.models import sampling
@@ -62,6 +62,7 @@ class DistillConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
+    batch_unit: Literal["interactions", "users"] = "interactions"   # users: batches of batch_size users, each once per epoch (KD only)
     max_epochs: int = 1000
     eval_every: int = 10             # also the DKC period p
     patience: int = 5                # evaluations without valid improvement
@@ -170,22 +171,30 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         resumes = ckpt["resumes"] + [ckpt["epoch"]]
         first_epoch = ckpt["epoch"] + 1 if bad < cfg.patience else cfg.max_epochs + 1
         report({"event": "resumed", "epoch": ckpt["epoch"]})
+    pop = dissensus.popularity_percentile(data.train.item_counts())
     if cfg.method != "bpr":
-        targets = _targets(lists, stage, n_items, cfg.target_size, importance)
-        state_bytes = distributed.sum_over_ranks(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8)
+        build = _TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(data.train.item_counts()).float())
+        targets, target_weights = build(lists, stage)
+        state_bytes = distributed.sum_over_ranks(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8
+                                                 + stage.numel() * 8 + (0 if target_weights is None else target_weights.numel() * 4))
+    sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_users, train_items = data.train.users(), data.train.indices
+    units = None                                                  # None: batches of train interactions
+    if cfg.batch_unit == "users" and cfg.method != "bpr":
+        units = np.flatnonzero(data.train.counts() > 0)
     index = sampling.PairIndex(data.train)
     start_time = time.perf_counter()
 
     for epoch in range(first_epoch, cfg.max_epochs + 1):
         student.train()
         rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(data.train.nnz)                      # the global order, the same on every rank
+        order = rng.permutation(data.train.nnz if units is None else len(units))   # the same on every rank
         epoch_loss, t0 = 0.0, time.perf_counter()
         phase = "bpr" if cfg.method == "bpr" else ("L_O" if distributed.any_over_ranks(stage < n_stages - 1) else "L_R")
         for lo in range(0, len(order), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
-            own = (train_users[rows] >= start) & (train_users[rows] < stop)
+            batch_users = train_users[rows] if units is None else units[rows]
+            own = (batch_users >= start) & (batch_users < stop)
             loss = torch.zeros(())
             if phase == "bpr":
                 neg = sampling.negatives(index, train_users[rows], rng)[own]   # drawn for the global batch
@@ -197,14 +206,19 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                     p_e, n_e = e["item"].chunk(2)
                     loss = -F.logsigmoid((e["user"] * p_e).sum(-1) - (e["user"] * n_e).sum(-1)).sum() / len(own)
             elif own.any():
-                users = torch.from_numpy(np.unique(train_users[rows[own]]).astype(np.int64))
-                scores = student.scores(users).clamp(-cfg.score_clamp, cfg.score_clamp)
-                observed = _observed_mask(data, users.numpy(), n_items)
-                local = users - start
+                users = np.unique(batch_users[own])
+                local = torch.from_numpy(users.astype(np.int64)) - start
+                p, t = observed_rank[local], targets[local]
+                u_emb = student.tables(user=local)["user"]
+                exclude = torch.cat([_padded_rows(data.train, users), t], 1)     # N_u \ T_u is everything else
+                rest = akt.unobserved_exp_sum(u_emb, item_weight, exclude, cfg.score_clamp, cfg.sampled_negatives, sampler)
+                s_p = akt.list_scores(u_emb, item_weight, p, cfg.score_clamp)
+                s_t = akt.list_scores(u_emb, item_weight, t, cfg.score_clamp)
+                w = None if target_weights is None else target_weights[local]
                 if phase == "L_O":
-                    loss = cfg.lo_weight * akt.overall_loss(scores, observed, observed_rank[local], targets[local]).sum()
+                    loss = cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()
                 else:
-                    loss = cfg.lr_weight * akt.ranking_loss(scores, observed, observed_rank[local], targets[local]).sum()
+                    loss = cfg.lr_weight * akt.ranking_loss(s_p, s_t, p, t, rest, w).sum()
             optimizer.zero_grad(set_to_none=False)
             if loss.requires_grad:
                 loss.backward()
@@ -217,7 +231,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         if epoch % cfg.eval_every == 0:
             student.eval()
             with torch.no_grad():
-                valid = _evaluate(student, data, "valid", ks, eval_users)
+                valid = _evaluate(student.scores, data, "valid", ks, eval_users)
                 if cfg.method == "hetcomp" and distributed.any_over_ranks(stage < n_stages - 1):
                     top = torch.from_numpy(topk_items(student.scores, data.train, users=np.arange(start, stop),
                                                       k=dkc.DISCREPANCY_K).astype(np.int64))
@@ -232,8 +246,10 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                             users_changed = torch.nonzero(changed).squeeze(1)
                             last[users_changed] = dkc.discrepancy(top[users_changed],
                                                                   dkc.next_stage_lists(lists[users_changed], stage[users_changed]))
-                            targets[users_changed] = _targets(lists[users_changed], stage[users_changed], n_items,
-                                                              cfg.target_size, importance)
+                            new_targets, new_weights = build(lists[users_changed], stage[users_changed])
+                            targets[users_changed] = new_targets
+                            if target_weights is not None:
+                                target_weights[users_changed] = new_weights
             stage_info = None
             if cfg.method != "bpr":
                 stage_info = {"mean_stage": (distributed.sum_over_ranks(stage.float().sum(0)) / n_users).tolist(),
@@ -262,9 +278,12 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     train_seconds = time.perf_counter() - start_time
     student.load_state_dict(best_state)
     student.eval()
+    scorer = student.scores                       # the post-hoc popularity penalty applies only to the final ranking
+    if cfg.pop_penalty:
+        scorer = baselines.penalised_scorer(student.scores, pop, cfg.pop_penalty)
     with torch.no_grad():
-        test = _evaluate(student, data, "test", ks, eval_users)
-        valid = _evaluate(student, data, "valid", ks, eval_users)
+        test = _evaluate(scorer, data, "test", ks, eval_users)
+        valid = _evaluate(scorer, data, "valid", ks, eval_users)
     metrics = {"method": cfg.method, "best_epoch": best_epoch, "epochs": history[-1]["epoch"] if history else 0,
                "train_seconds": train_seconds, "test": test, "valid": valid, "history": history,
                "dkc_progress": progress, "teachers": teacher_uris, "workers": world,
@@ -281,10 +300,10 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     return metrics
 
 
-def _evaluate(student: Student, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
+def _evaluate(scorer, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
     """Metrics over every rank's users: this rank's sums, all-reduced."""
     other = data.test if split == "valid" else data.valid
-    sums = evaluate_sums(student.scores, data.train, data.split(split), exclude=[other], ks=ks, users=users)
+    sums = evaluate_sums(scorer, data.train, data.split(split), exclude=[other], ks=ks, users=users)
     return distributed.all_reduce_ranking_sums(sums).metrics()
 
 
@@ -339,22 +358,46 @@ def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, A
         dist.barrier()
 
 
-def _observed_mask(data: Dataset, users: np.ndarray, n_items: int) -> torch.Tensor:
-    """bool [B, n_items]: the users' train items."""
-    row, items = data.train.rows(users)
-    mask = torch.zeros(len(users), n_items, dtype=torch.bool)
-    mask[torch.from_numpy(row), torch.from_numpy(items.astype(np.int64))] = True
-    return mask
-
-
-def _targets(lists: torch.Tensor, stage: torch.Tensor, n_items: int, size: int, importance: torch.Tensor,
-             batch: int = 1024) -> torch.Tensor:
-    """T_u for every user from the lists at its current stages: int64 [U, size], -1 padded."""
-    out = torch.empty(lists.shape[0], size, dtype=torch.long)
-    for lo in range(0, lists.shape[0], batch):
-        current = dkc.current_lists(lists[lo:lo + batch], stage[lo:lo + batch])
-        out[lo:lo + batch] = ensemble_topk(current, n_items, size, importance)
+def _padded_rows(train, users: np.ndarray) -> torch.Tensor:
+    """int64 [B, max items]: the users' train items, -1 padded."""
+    counts = train.indptr[users + 1] - train.indptr[users]
+    out = torch.full((len(users), int(counts.max(initial=0))), -1, dtype=torch.long)
+    row, items = train.rows(users)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[torch.from_numpy(row), torch.from_numpy(col)] = torch.from_numpy(items.astype(np.int64))
     return out
+
+
+class _TargetBuilder:
+    """T_u from the lists at the users' current stages (ALGORITHM.md §4), with the debiasing switches:
+    strategy A reshapes the ensemble scores; strategy B and IPW give per-target-item loss weights."""
+
+    def __init__(self, cfg: DistillConfig, n_items: int, importance: torch.Tensor, pop: torch.Tensor,
+                 item_counts: torch.Tensor, batch: int = 1024):
+        self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
+        self.batch = batch
+
+    def __call__(self, lists: torch.Tensor, stage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> targets int64 [U, size] (-1 padded), weights float [U, size] or None (all terms weigh 1)."""
+        cfg = self.cfg
+        weighted = bool(cfg.dissensus_weight or cfg.ipw)
+        targets = torch.empty(lists.shape[0], cfg.target_size, dtype=torch.long)
+        weights = torch.ones(targets.shape) if weighted else None
+        for lo in range(0, lists.shape[0], self.batch):
+            current = dkc.current_lists(lists[lo:lo + self.batch], stage[lo:lo + self.batch])
+            counts = dissensus.agreement_counts(current, self.n_items) if cfg.dissensus_target or cfg.dissensus_weight else None
+            discount = None
+            if cfg.dissensus_target:
+                discount = dissensus.target_discount(current, counts, self.pop, cfg.dissensus_target)
+            t = ensemble_topk(current, self.n_items, cfg.target_size, self.importance, discount)
+            targets[lo:lo + self.batch] = t
+            if cfg.dissensus_weight:
+                weights[lo:lo + self.batch] *= dissensus.transfer_weights(t, counts, current.shape[1], self.pop, cfg.dissensus_weight)
+            if cfg.ipw:
+                weights[lo:lo + self.batch] *= baselines.ipw_weights(t, self.item_counts, cfg.ipw)
+        if weights is not None:
+            weights = dissensus.mean_one(weights, targets >= 0)
+        return targets, weights
 
 
 def _observed_ranking(observed: torch.Tensor, n_items: int, size: int, importance: torch.Tensor,

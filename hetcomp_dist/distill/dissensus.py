@@ -1,0 +1,52 @@
+"""Dissensus debiasing (ALGORITHM.md §7): use the teachers' disagreement against popularity bias.
+
+For user u and item i with the teachers' current lists: agree(u, i) = share of teachers with i in
+their list, dissensus = 1 - agree, pop(i) in [0, 1] = the item's popularity percentile in train.
+
+- Strategy A (dissensus-aware target): each teacher's rank importance of i is multiplied by
+  max(0, 1 - lam * agree(u, i) * pop(i)) when T_u is built: consensus on popular items is
+  discounted, so the target makes room for items only some teachers rank high.
+- Strategy B (dissensus-weighted transfer): target item i's loss term is weighted by
+  1 + gamma * dissensus(u, i) * (1 - pop(i)), normalised to mean 1 over each user's list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def popularity_percentile(item_counts: np.ndarray) -> torch.Tensor:
+    """pop(i) in [0, 1]: share of items with at most i's train count (ties share the top value)."""
+    ordered = np.sort(item_counts)
+    return torch.from_numpy(np.searchsorted(ordered, item_counts, side="right") / len(item_counts)).float()
+
+
+def agreement_counts(lists: torch.Tensor, n_items: int) -> torch.Tensor:
+    """float [B, n_items]: how many teachers have each item in their list (lists: int [B, T, K], -1 padded)."""
+    b = lists.shape[0]
+    valid = lists >= 0
+    counts = torch.zeros(b, n_items + 1)
+    counts.scatter_add_(1, torch.where(valid, lists, n_items).reshape(b, -1), valid.reshape(b, -1).float())
+    return counts[:, :n_items]
+
+
+def target_discount(lists: torch.Tensor, counts: torch.Tensor, pop: torch.Tensor, lam: float) -> torch.Tensor:
+    """Strategy A: float [B, T, K] multipliers of each list entry's rank importance."""
+    idx = torch.where(lists >= 0, lists, 0)
+    agree = torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
+    return torch.where(lists >= 0, (1 - lam * agree * pop[idx]).clamp_min(0), 1.0)
+
+
+def transfer_weights(targets: torch.Tensor, counts: torch.Tensor, n_teachers: int, pop: torch.Tensor,
+                     gamma: float) -> torch.Tensor:
+    """Strategy B: float [B, L] weights of the target items' loss terms, mean 1 over each user's list."""
+    idx = torch.where(targets >= 0, targets, 0)
+    dissensus = 1 - torch.gather(counts, 1, idx) / n_teachers
+    return mean_one(1 + gamma * dissensus * (1 - pop[idx]), targets >= 0)
+
+
+def mean_one(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Scale each row so its valid entries average 1 (padding gets 0)."""
+    weights = weights * valid
+    return weights * valid.sum(1, keepdim=True).clamp_min(1) / weights.sum(1, keepdim=True).clamp_min(1e-12)
