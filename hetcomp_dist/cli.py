@@ -190,7 +190,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> None:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
 
     def show(done: int, total: int) -> None:
-        print(f"\revaluated users {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        print(f"\rensemble evaluation: users {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     results = ensemble_eval.evaluate_ensemble(cfg, args.temperature, progress=None if args.quiet else show)
     out = args.out or storage.join(cfg.run, "ensemble")
