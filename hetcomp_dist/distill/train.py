@@ -64,6 +64,7 @@ class DistillConfig:
     batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
     batch_unit: Literal["interactions", "users"] = "interactions"   # users: batches of batch_size users, each once per epoch (KD only)
     max_epochs: int = 1000
+    max_seconds: float = 0.0         # > 0: stop at the first evaluation after this much time (budgeted runs, the demo)
     eval_every: int = 10             # also the DKC period p
     patience: int = 5                # evaluations without valid improvement
     select_metric: str = "recall@50"
@@ -270,7 +271,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                     "best": best, "best_epoch": best_epoch, "bad": bad, "resumes": resumes})
             event.update(valid=value, best=best, stages=stage_info)
             report(event)
-            if bad >= cfg.patience:
+            if bad >= cfg.patience or (cfg.max_seconds and time.perf_counter() - start_time > cfg.max_seconds):
                 break
         else:
             report(event)
@@ -332,7 +333,7 @@ def _optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, A
     return out
 
 
-_RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs")
+_RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_seconds")
 
 
 def _run_config(cfg: DistillConfig) -> dict[str, Any]:
