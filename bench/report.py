@@ -1,0 +1,448 @@
+"""The method comparison of ALGORITHM.md §7-8, end to end for one run config: table + plots.
+
+    .venv/bin/python bench/report.py --config configs/citeulike.yaml [--set k=v ...]
+        [--out bench/out/citeulike] [--sweep-lambda 0.25,0.5,1] [--sweep-gamma 0.5,1,2]
+        [--sweep-ipw 0.25,0.5,1] [--sweep-penalty 0.1,0.25,0.5,1] [--quick] [--readme]
+
+Steps (each reuses what storage already holds, so a rerun only fills gaps):
+1. teachers: reused when every ``<run>/teachers/<name>/trajectory`` is complete, else
+   ``hetcomp train-teachers`` runs first;
+2. each teacher alone (its summary: the best valid epoch's model on test) and their ensemble
+   (``<run>/ensemble/metrics.json`` if ``hetcomp ensemble`` wrote it for these teachers, else
+   computed here by the same code, over the final snapshots);
+3. students, each ``pipeline.distill_run`` in this process into ``<run>/distill/<variant>``
+   (``<run>/distill_quick/<variant>`` with --quick, so smoke students never pass for real ones),
+   skipped when that output is complete: bpr (no teachers), rrd (listwise distillation of the
+   best teacher by VALID recall@50, so the choice does not peek at test), mtd (the final
+   ensemble, no trajectories), hetcomp, hetcomp + A(lambda) / B(gamma) / IPW(eta);
+4. hetcomp + penalty(beta): the saved hetcomp student re-ranked post hoc (no training).
+
+Writes report.md (the table, the gains of HetComp over bpr and mtd), tradeoff.png (test
+recall@50 vs popularity lift@50 per debiasing method), accuracy.png (recall/NDCG@50 bars) and
+results.json into --out; --readme splices the table into README.md's "## Results" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+POP_K = 50
+ACCURACY, LIFT = f"recall@{POP_K}", f"popularity_lift@{POP_K}"
+SELECT_TEACHER = f"recall@{POP_K}"          # on valid: picks rrd's teacher
+# smoke run: few epochs, and KD batches of users (a few steps an epoch instead of one per 1024 interactions)
+QUICK_SETS = ("distill.max_epochs=6", "distill.eval_every=2", "distill.patience=2", "distill.batch_unit=users",
+              "distill.batch_size=256")
+# debiasing family -> (DistillConfig field, symbol); hetcomp with the field at 0 starts each curve
+FAMILIES = {"A": ("dissensus_target", "λ"), "B": ("dissensus_weight", "γ"),
+            "IPW": ("ipw", "η"), "penalty": ("pop_penalty", "β")}
+COLUMNS = [("R@10", "recall@10"), ("N@10", "ndcg@10"), ("R@20", "recall@20"), ("N@20", "ndcg@20"),
+           ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("popularity lift@50", LIFT),
+           ("coverage@50", f"coverage@{POP_K}")]
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One student: ``sets`` are its --set overrides; post-hoc variants re-rank hetcomp's student."""
+
+    key: str                       # its directory under <run>/distill
+    label: str
+    method: str
+    sets: tuple[str, ...] = ()
+    family: str | None = None      # a key of FAMILIES
+    param: float | None = None
+    post_hoc: bool = False
+
+
+@dataclass
+class Row:
+    key: str                       # a Variant key, "teacher:<name>" or "ensemble"
+    label: str
+    test: dict[str, float]
+    train_seconds: float | None = None
+    family: str | None = None
+    param: float | None = None
+    kind: str = "student"          # teacher | ensemble | student
+    valid: dict[str, float] = field(default_factory=dict)
+
+
+def variants(best_teacher: str, sweeps: dict[str, list[float]]) -> list[Variant]:
+    """The students of the comparison, in table order; ``sweeps`` maps a FAMILIES key to its values."""
+    out = [Variant("bpr", "bpr (student alone)", "bpr"),
+           Variant("rrd", f"rrd ({best_teacher})", "ensemble", (f"distill.teachers=[{best_teacher}]",)),
+           Variant("mtd", "mtd (final ensemble)", "ensemble"),
+           Variant("hetcomp", "HetComp", "hetcomp")]
+    for family, (name, symbol) in FAMILIES.items():
+        for value in sweeps.get(family, []):
+            out.append(Variant(f"hetcomp_{family}{value:g}", f"HetComp+{family}({symbol}={value:g})", "hetcomp",
+                               (f"distill.{name}={value!r}",), family, float(value), post_hoc=family == "penalty"))
+    return out
+
+
+def _cell(value: float | None, key: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key.startswith("popularity_lift"):
+        return f"{value:+.1f}%"
+    return f"{value:.3f}" if key.startswith("coverage") else f"{value:.4f}"
+
+
+def render_table(rows: list[Row]) -> str:
+    """Markdown: one row per method, test metrics (– where the run's ks lack a cutoff), train s."""
+    head = ["method"] + [c for c, _ in COLUMNS] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        label = f"**{r.label}**" if r.key == "hetcomp" else r.label
+        cells = [label] + [_cell(r.test.get(key), key) for _, key in COLUMNS]
+        cells.append("–" if r.train_seconds is None else f"{r.train_seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def relative_gains(target: Row, base: Row) -> dict[str, float]:
+    """Recall/NDCG columns: (target - base) / base; popularity lift and coverage: target - base."""
+    out = {}
+    for _, key in COLUMNS:
+        t, b = target.test.get(key), base.test.get(key)
+        if t is None or b is None:
+            continue
+        if key.startswith(("recall", "ndcg")):
+            out[key] = (t - b) / b if b else float("nan")
+        else:
+            out[key] = t - b
+    return out
+
+
+def render_gains(target: Row, bases: list[Row]) -> str:
+    """Markdown: HetComp's relative gain over each base (absolute differences for lift and coverage)."""
+    keys = [(c, k) for c, k in COLUMNS if k in target.test]
+    lines = ["| HetComp vs | " + " | ".join(c for c, _ in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for base in bases:
+        gains = relative_gains(target, base)
+        cells = []
+        for _, k in keys:
+            g = gains.get(k)
+            if g is None:
+                cells.append("–")
+            elif k.startswith(("recall", "ndcg")):
+                cells.append(f"{g * 100:+.1f}%")
+            elif k.startswith("popularity_lift"):
+                cells.append(f"{g:+.1f} pts")
+            else:
+                cells.append(f"{g:+.3f}")
+        lines.append(f"| {base.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tradeoff_curves(rows: list[Row], x: str = LIFT, y: str = ACCURACY) -> dict[str, list[tuple[float, float, float]]]:
+    """Per debiasing family: (param, x, y) sorted by param, starting at HetComp as param 0."""
+    start = next((r for r in rows if r.key == "hetcomp"), None)
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for family in FAMILIES:
+        points = sorted((r.param, r.test[x], r.test[y]) for r in rows
+                        if r.family == family and x in r.test and y in r.test)
+        if points:
+            curves[family] = ([(0.0, start.test[x], start.test[y])] if start else []) + points
+    return curves
+
+
+def render_curves(curves: dict[str, list[tuple[float, float, float]]]) -> str:
+    """Markdown: per debiasing family, each parameter's popularity lift@50 and recall@50."""
+    lines = ["| debiasing | parameter: popularity lift@50 / recall@50 |", "|---|---|"]
+    for family, points in curves.items():
+        symbol = FAMILIES[family][1]
+        lines.append(f"| {family} | " + ", ".join(f"{symbol}={p:g}: {x:+.1f}% / {y:.4f}" for p, x, y in points) + " |")
+    return "\n".join(lines)
+
+
+def splice_readme(text: str, block: str) -> str:
+    """README text with ``block`` between the results markers; adds a final "## Results" section
+    holding them if absent. Everything outside the markers is kept byte for byte."""
+    has_start, has_end = README_START in text, README_END in text
+    if has_start != has_end or (has_start and text.index(README_START) > text.index(README_END)):
+        raise ValueError(f"README: {README_START} and {README_END} must both appear, in that order")
+    if not has_start:
+        return text.rstrip("\n") + f"\n\n## Results\n\n{README_START}\n{block.strip()}\n{README_END}\n"
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}"
+
+
+def results_block(dataset: str, command: str, table: str, gains: str, notes: list[str]) -> str:
+    lines = [f"Dataset `{dataset}`, test split, full ranking over all items. Produced by", "",
+             "```bash", command, "```", "", table, "", gains, ""]
+    return "\n".join(lines + [f"- {n}" for n in notes])
+
+
+def parse_sweep(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_tradeoff(curves: dict[str, list[tuple[float, float, float]]], anchors: list[Row], path: Path) -> None:
+    """Test recall@50 against popularity lift@50: a line per debiasing family, HetComp starred."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for family, points in curves.items():
+        symbol = FAMILIES[family][1]
+        _, xs, ys = zip(*points)
+        ax.plot(xs, ys, "o-", label=f"HetComp+{family} ({symbol})")
+        for p, x, y in points[1:]:
+            ax.annotate(f"{p:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for r in anchors:
+        if LIFT in r.test and ACCURACY in r.test:
+            star = r.key == "hetcomp"
+            ax.plot(r.test[LIFT], r.test[ACCURACY], "*" if star else "s", ms=14 if star else 6,
+                    color="k" if star else "0.6", zorder=5)
+            ax.annotate(r.label, (r.test[LIFT], r.test[ACCURACY]), textcoords="offset points",
+                        xytext=(5, -10), fontsize=8)
+    ax.set_xlabel("popularity lift@50 (%)  ← less popularity bias")
+    ax.set_ylabel("test recall@50")
+    ax.set_title("accuracy / popularity-lift trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(rows: list[Row], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if ACCURACY in r.test]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows) + 2), 4.5))
+    for j, key in enumerate((ACCURACY, f"ndcg@{POP_K}")):
+        ax.bar(x + (j - 0.5) * 0.4, [r.test.get(key, 0) for r in rows], 0.4, label=f"test {key}")
+    ax.set_xticks(x, [r.label for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def teachers_complete(cfg) -> bool:
+    from hetcomp_dist import storage
+    from hetcomp_dist.teachers.train import teacher_uri
+
+    return all(storage.is_complete(storage.join(teacher_uri(cfg.run, t.name), "trajectory")) for t in cfg.teachers)
+
+
+def teacher_summaries(cfg) -> list[dict[str, Any]]:
+    """Each teacher's summary: ``<run>/teachers/summary`` if complete, else its trajectory manifest's."""
+    from hetcomp_dist import storage
+    from hetcomp_dist.teachers.train import teacher_uri
+
+    uri = storage.join(cfg.run, "teachers", "summary")
+    if storage.is_complete(uri):
+        by_name = {s["teacher"]: s for s in storage.read_json(uri, "summary.json")}
+        if all(t.name in by_name for t in cfg.teachers):
+            return [by_name[t.name] for t in cfg.teachers]
+    return [storage.read_manifest(storage.join(teacher_uri(cfg.run, t.name), "trajectory"))["summary"]
+            for t in cfg.teachers]
+
+
+def best_teacher(summaries: list[dict[str, Any]], metric: str = SELECT_TEACHER) -> str:
+    return max(summaries, key=lambda s: s["valid"].get(metric, -1.0))["teacher"]
+
+
+def ensemble_metrics(cfg) -> tuple[dict[str, Any], str]:
+    """The ensemble of all the run's teachers: ``<run>/ensemble`` if written for them, else computed."""
+    from hetcomp_dist import storage
+    from hetcomp_dist.distill import ensemble_eval
+
+    uri = storage.join(cfg.run, "ensemble")
+    names = [t.name for t in cfg.teachers]
+    if storage.is_complete(uri):
+        results = storage.read_json(uri, "metrics.json")
+        if [t["name"] for t in results["teachers"]] == names and results["temperature"] == cfg.distill.temperature:
+            return results, f"read from {uri}/metrics.json"
+    every = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teachers=[]))
+    return ensemble_eval.evaluate_ensemble(every), "computed here (hetcomp_dist.distill.ensemble_eval)"
+
+
+def config_drift(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Settings of a stored student that differ from the wanted ones (worker layout ignored)."""
+    ignore = {"out", "threads", "workers", "cpus_per_worker", "gpus_per_worker", "checkpoint"}
+    wanted = json.loads(json.dumps(wanted))
+    return sorted(k for k in set(stored) | set(wanted) if k not in ignore and stored.get(k) != wanted.get(k))
+
+
+def run_student(args, v: Variant, root: str) -> tuple[dict[str, Any], str]:
+    """Train variant ``v`` unless its output is complete; returns (metrics.json, what happened)."""
+    from hetcomp_dist import config, storage
+    from hetcomp_dist.pipeline import RunConfig, distill_run
+
+    out = storage.join(root, v.key)
+    overrides = [*args.set, f"distill.method={v.method}", f"distill.out={out}", *v.sets,
+                 *(args.bpr_set if v.method == "bpr" else ()), *(QUICK_SETS if args.quick else ())]
+    cfg = config.load(RunConfig, args.config, overrides)
+    if storage.is_complete(out):
+        drift = config_drift(storage.read_manifest(out).get("config", {}), dataclasses.asdict(cfg.distill))
+        if not drift or not args.redo_stale:
+            note = f"reused {out}" + (f" (differs from the asked config in {', '.join(drift)}; "
+                                      "--redo-stale retrains)" if drift else "")
+            return storage.read_json(out, "metrics.json"), note
+    t0 = time.perf_counter()
+
+    def show(event: dict) -> None:
+        if "valid" in event:
+            print(f"  [{v.key}] epoch {event['epoch']} {event.get('phase', '')} valid {event['valid']:.4f}", flush=True)
+
+    metrics = distill_run(cfg, show)
+    return metrics, f"trained into {out} ({time.perf_counter() - t0:.0f} s wall)"
+
+
+def penalised_metrics(cfg, student_uri: str, beta: float) -> dict[str, dict[str, float]]:
+    """Test/valid metrics of the stored student re-ranked by s_ui - beta * std_u(s) * pop(i)."""
+    import io
+
+    import torch
+
+    from hetcomp_dist import storage
+    from hetcomp_dist.data.dataset import load_dataset
+    from hetcomp_dist.distill.baselines import penalised_scorer
+    from hetcomp_dist.distill.dissensus import popularity_percentile
+    from hetcomp_dist.distill.train import ITEM_KEY, Student
+    from hetcomp_dist.evaluate import evaluate_split
+
+    data = load_dataset(cfg.dataset_uri)
+    state = torch.load(io.BytesIO(storage.read_bytes(student_uri, "student.pt")), weights_only=True)
+    student = Student(data.n_users, data.n_items, state[ITEM_KEY].shape[1])
+    student.load_state_dict(state)
+    scorer = penalised_scorer(student.scores, popularity_percentile(data.train.item_counts()), beta)
+    with torch.no_grad():
+        return {split: evaluate_split(scorer, data, split, tuple(cfg.ks), cfg.eval_batch_size) for split in ("test", "valid")}
+
+
+def collect(args, cfg) -> tuple[list[Row], list[str]]:
+    """Every row of the comparison (training what storage lacks), and notes on how each was made."""
+    from hetcomp_dist import storage
+
+    if not teachers_complete(cfg):
+        print("teachers incomplete: running hetcomp train-teachers", flush=True)
+        cmd = [sys.executable, "-m", "hetcomp_dist.cli", "train-teachers", "--config", args.config]
+        cmd += [a for s in args.set for a in ("--set", s)] + (["--sequential"] if args.sequential_teachers else [])
+        subprocess.run(cmd, check=True)
+    summaries = teacher_summaries(cfg)
+    best = best_teacher(summaries)
+    rows = [Row(f"teacher:{s['teacher']}", s["teacher"], s["test"], s["train_seconds"], kind="teacher",
+                valid=s["valid"]) for s in summaries]
+    ensemble, how = ensemble_metrics(cfg)
+    rows.append(Row("ensemble", "ensemble", ensemble["models"]["ensemble"]["test"], kind="ensemble",
+                    valid=ensemble["models"]["ensemble"]["valid"]))
+    notes = [f"teachers: each one's best valid epoch (`<run>/teachers/summary`); ensemble: their final snapshots "
+             f"merged by rank importance exp(-r/{ensemble['temperature']:g}), {how}",
+             f"rrd distils {best}, the best teacher by valid {SELECT_TEACHER}",
+             "penalty rows re-rank the HetComp student post hoc; their train s is HetComp's"]
+    if args.quick:
+        notes.append("--quick: " + ", ".join(QUICK_SETS) + " (a smoke run, not results)")
+
+    sweeps = {"A": parse_sweep(args.sweep_lambda), "B": parse_sweep(args.sweep_gamma),
+              "IPW": parse_sweep(args.sweep_ipw), "penalty": parse_sweep(args.sweep_penalty)}
+    root = storage.join(cfg.run, "distill_quick" if args.quick else "distill")
+    hetcomp = None
+    for v in variants(best, sweeps):
+        print(f"{v.label}: ...", flush=True)
+        try:
+            if v.post_hoc:
+                if hetcomp is None:
+                    raise RuntimeError("no hetcomp student to re-rank")
+                m = {**penalised_metrics(cfg, storage.join(root, "hetcomp"), v.param),
+                     "train_seconds": hetcomp["train_seconds"]}
+                what = "re-ranked the hetcomp student (no training)"
+            else:
+                m, what = run_student(args, v, root)
+        except Exception as e:  # one failed variant leaves the rest of the comparison standing
+            print(f"{v.label}: FAILED ({type(e).__name__}: {e})", flush=True)
+            notes.append(f"{v.label} failed: {type(e).__name__}: {e}")
+            continue
+        print(f"{v.label}: {what}; test {ACCURACY} {m['test'].get(ACCURACY, float('nan')):.4f}", flush=True)
+        if "differs" in what:                  # a reused student trained with other settings: say so in the report
+            notes.append(f"{v.label}: {what}")
+        hetcomp = m if v.key == "hetcomp" else hetcomp
+        rows.append(Row(v.key, v.label, m["test"], m.get("train_seconds"), v.family, v.param, valid=m["valid"]))
+    return rows, notes
+
+
+def write(rows: list[Row], notes: list[str], dataset: str, command: str, title: str, out_dir: Path,
+          readme: Path | None) -> str:
+    """report.md, the plots and results.json into ``out_dir`` (and README's results); the report text."""
+    by_key = {r.key: r for r in rows}
+    bases = [by_key[k] for k in ("bpr", "mtd") if k in by_key]
+    gains = render_gains(by_key["hetcomp"], bases) if "hetcomp" in by_key and bases else "(no HetComp student: no gains)"
+    curves = tradeoff_curves(rows)
+    block = results_block(dataset, command, render_table(rows), gains, notes)
+    text = f"# Method comparison ({title})\n\n{block}\n\n## Trade-off (test)\n\n{render_curves(curves)}\n\n" \
+           "![trade-off](tradeoff.png)\n\n![accuracy](accuracy.png)\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    (out_dir / "results.json").write_text(json.dumps({"command": command, "rows": [dataclasses.asdict(r) for r in rows]},
+                                                     indent=1))
+    plot_tradeoff(curves, [by_key[k] for k in ("hetcomp", "ensemble", "bpr", "mtd") if k in by_key],
+                  out_dir / "tradeoff.png")
+    plot_accuracy(rows, out_dir / "accuracy.png")
+    if readme is not None:
+        readme.write_text(splice_readme(readme.read_text(), block))
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override (repeatable)")
+    ap.add_argument("--bpr-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for the bpr student only, e.g. its own distill.batch_size (repeatable)")
+    ap.add_argument("--out", help="output folder (default: bench/out/<config name>[-quick])")
+    ap.add_argument("--sweep-lambda", default="0.25,0.5,1", help="strategy A values ('' for none)")
+    ap.add_argument("--sweep-gamma", default="0.5,1,2", help="strategy B values")
+    ap.add_argument("--sweep-ipw", default="0.25,0.5,1", help="IPW eta values")
+    ap.add_argument("--sweep-penalty", default="0.1,0.25,0.5,1", help="post-hoc penalty beta values")
+    ap.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK_SETS) + ", under <run>/distill_quick")
+    ap.add_argument("--redo-stale", action="store_true", help="retrain stored students whose config differs")
+    ap.add_argument("--sequential-teachers", action="store_true", help="train missing teachers without Ray")
+    ap.add_argument("--readme", action="store_true", help="splice the table into README.md's Results section")
+    args = ap.parse_args()
+
+    from hetcomp_dist import config
+    from hetcomp_dist.pipeline import RunConfig
+
+    cfg = config.load(RunConfig, args.config, args.set)
+    out_dir = Path(args.out or REPO / "bench" / "out" / (Path(args.config).stem + ("-quick" if args.quick else "")))
+    rows, notes = collect(args, cfg)
+    command = ".venv/bin/python bench/report.py " + shlex.join(sys.argv[1:])
+    text = write(rows, notes, cfg.dataset_uri, command, Path(args.config).name, out_dir,
+                 REPO / "README.md" if args.readme else None)
+    print("\n" + text)
+    print(f"written to {out_dir}: report.md, tradeoff.png, accuracy.png, results.json"
+          + ("; README.md results section updated" if args.readme else ""))
+
+
+if __name__ == "__main__":
+    main()
