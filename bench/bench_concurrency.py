@@ -1,0 +1,82 @@
+"""Wall time of training a run's teachers concurrently (one Ray actor each) vs one after another.
+
+Both modes train the same teachers with the same epochs (``--epochs``, evaluated every
+``--eval-every``) into fresh run folders that share one prepared dataset, in one invocation, so
+the ratio is measured side by side. Each mode is its own ``hetcomp train-teachers`` subprocess.
+
+    .venv/bin/python bench/bench_concurrency.py --config configs/citeulike.yaml --epochs 10 [--plot FILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_for(base: dict, run: str, epochs: int, eval_every: int) -> dict:
+    data = dict(base, run=run)
+    data["teachers"] = [dict(t, max_epochs=epochs, eval_every=eval_every, patience=1000, max_seconds=0)
+                        for t in base["teachers"]]
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "citeulike.yaml"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--plot", help="bar chart of the two wall times")
+    args = ap.parse_args()
+    base = yaml.safe_load(Path(args.config).read_text())
+    work = Path(tempfile.mkdtemp(prefix="bench_concurrency-"))
+    results = {}
+    try:
+        for mode in ("concurrent", "sequential"):
+            run = work / mode
+            run.mkdir()
+            if mode == "sequential":                       # same prepared dataset, not timed twice
+                shutil.copytree(work / "concurrent" / "dataset", run / "dataset")
+            else:
+                subprocess.run([sys.executable, "-m", "hetcomp_dist.cli", "prepare", base["data"]["source"],
+                                "--out", str(run / "dataset")], check=True, capture_output=True)
+            cfg = work / f"{mode}.yaml"
+            cfg.write_text(yaml.safe_dump(config_for(base, str(run), args.epochs, args.eval_every)))
+            cmd = [sys.executable, "-m", "hetcomp_dist.cli", "train-teachers", "--config", str(cfg)]
+            cmd += ["--sequential"] if mode == "sequential" else []
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            results[mode] = time.perf_counter() - t0
+            print(f"{mode:>10}: {results[mode]:7.1f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    names = ", ".join(t["name"] for t in base["teachers"])
+    print(f"\n{len(base['teachers'])} teachers ({names}), {args.epochs} epochs each, eval every {args.eval_every}; "
+          f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}")
+    print("| mode | wall s |\n|---|---|")
+    for mode, s in results.items():
+        print(f"| {mode} | {s:.1f} |")
+    print(f"| sequential / concurrent | {results['sequential'] / results['concurrent']:.2f}x |")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar(list(results), list(results.values()), color=["tab:blue", "tab:gray"])
+        ax.set_ylabel("wall seconds")
+        ax.set_title(f"{len(base['teachers'])} teachers, {args.epochs} epochs each")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
