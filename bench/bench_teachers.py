@@ -12,6 +12,12 @@ epoch, as it does in training.
 With ``--max-batches N`` each variant times N batches (after 2 untimed warm-up batches) and the
 epoch time is extrapolated: seconds per batch x batches per epoch.
 
+Each family is built with the hyper-parameters and batch size of its teacher in ``--config``
+(default configs/gowalla.yaml; ``--config none``: the model defaults and BATCH_SIZES below).
+Besides wall seconds the table gives the process CPU seconds per epoch divided by the thread
+count ("cpu s/ep"): on a shared, overloaded host that is closer to the wall time the same epoch
+takes on an idle one (an upper bound where threads spin while waiting).
+
     .venv/bin/python bench/bench_teachers.py --max-batches 20 [--models bpr_mf,cml] [--threads 2] [--plot]
 
 Data: a prepared dataset (``hetcomp prepare gowalla --out /tmp/ds/gowalla``), ``--data`` to change.
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,15 +79,17 @@ class EmbeddingTables(nn.Module):
 class Run:
     """One variant of one family: its model, optimizer and endless batch stream."""
 
-    def __init__(self, name: str, data, batch_size: int, plain: bool, fused_adam: bool = False, seed: int = 0):
+    def __init__(self, name: str, data, batch_size: int, plain: bool, fused_adam: bool = False, seed: int = 0,
+                 params: dict | None = None):
         torch.manual_seed(seed)
-        self.model = models.build(name, data.n_users, data.n_items, data.train, {})
+        self.model = models.build(name, data.n_users, data.n_items, data.train, params or {})
         if plain:
             self.model.tables = EmbeddingTables(self.model.tables)
         self.model.train()
         # as teachers/train.py; --fused-adam: torch's fused CPU kernel (one pass over each tensor)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, **({"fused": True} if fused_adam else {}))
         self.data, self.batch_size, self.epoch, self.seconds, self.timed = data, batch_size, 0, 0.0, 0
+        self.cpu_seconds = 0.0
         self.stream = self._batches()
 
     def _batches(self):
@@ -89,7 +98,7 @@ class Run:
             yield from self.model.batches(self.data.train, self.batch_size, np.random.default_rng([0, self.epoch]))
 
     def steps(self, n: int, timed: bool = True) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(n):
             batch = next(self.stream)  # sampling is part of an epoch's time
             loss = self.model.loss(batch)
@@ -99,6 +108,7 @@ class Run:
             self.model.after_step()
         if timed:
             self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu_start
             self.timed += n
 
 
@@ -112,25 +122,40 @@ def batches_per_epoch(name: str, data, batch_size: int) -> int:
 
 
 def bench(name: str, data, batch_size: int, max_batches: int | None, epochs: int, chunk: int,
-          fused_adam: bool = False) -> dict:
+          fused_adam: bool = False, params: dict | None = None) -> dict:
     """Seconds per epoch of both variants: ``epochs`` epochs timed, or ``max_batches`` per epoch, extrapolated."""
     n_epoch = batches_per_epoch(name, data, batch_size)
     total = epochs * min(max_batches or n_epoch, n_epoch)
-    runs = {"torchrec": Run(name, data, batch_size, False, fused_adam),
-            "nn.Embedding": Run(name, data, batch_size, True, fused_adam)}
+    runs = {"torchrec": Run(name, data, batch_size, False, fused_adam, params=params),
+            "nn.Embedding": Run(name, data, batch_size, True, fused_adam, params=params)}
     for run in runs.values():
         run.steps(WARMUP, timed=False)
     while any(r.timed < total for r in runs.values()):
         for run in runs.values():  # alternate: background load falls on both variants alike
             run.steps(min(chunk, total - run.timed))
     per_epoch = {k: r.seconds / r.timed * n_epoch for k, r in runs.items()}
+    threads = torch.get_num_threads()
+    cpu = {f"{k} cpu": r.cpu_seconds / threads / r.timed * n_epoch for k, r in runs.items()}
     return {"model": name, "batch_size": batch_size, "batches_per_epoch": n_epoch, "timed_batches": total,
-            **per_epoch, "ratio": per_epoch["torchrec"] / per_epoch["nn.Embedding"]}
+            **per_epoch, **cpu, "ratio": per_epoch["torchrec"] / per_epoch["nn.Embedding"],
+            "cpu ratio": cpu["torchrec cpu"] / cpu["nn.Embedding cpu"], "params": params or {}}
+
+
+def config_teachers(path: str) -> dict[str, tuple[dict, int]]:
+    """model name -> (params, batch_size) of the first teacher of that model in a run config."""
+    with open(path) as f:
+        teachers = yaml.safe_load(f).get("teachers", [])
+    out: dict[str, tuple[dict, int]] = {}
+    for t in teachers:
+        out.setdefault(t["model"], (dict(t.get("params", {})), int(t.get("batch_size", 4096))))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/tmp/ds/gowalla", help="prepared dataset (hetcomp prepare)")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "gowalla.yaml"),
+                    help="run config whose teachers give each family's params and batch size ('none': defaults)")
     ap.add_argument("--models", default=",".join(FAMILIES))
     ap.add_argument("--epochs", type=int, default=1, help="epochs to time (with --max-batches: per epoch)")
     ap.add_argument("--max-batches", type=int, default=None, help="time N batches per variant and extrapolate")
@@ -142,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    sizes = dict(BATCH_SIZES)
+    sizes, params = dict(BATCH_SIZES), {}
+    if args.config != "none":
+        for model, (p, b) in config_teachers(args.config).items():
+            params[model], sizes[model] = p, b
     for item in args.batch_size:
         k, v = item.split("=")
         sizes[k] = int(v)
@@ -157,15 +185,20 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in names:
-        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, args.fused_adam)
+        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, args.fused_adam,
+                    params.get(name))
         rows.append(row)
-        print(f"  {name}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch", flush=True)
+        print(f"  {name} {row['params']}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch "
+              f"(cpu {row['torchrec cpu']:.1f} vs {row['nn.Embedding cpu']:.1f})", flush=True)
 
-    header = f"{'model':<9} {'batch':>6} {'batches/ep':>10} {'timed':>6} {'torchrec s/ep':>14} {'nn.Embedding s/ep':>18} {'ratio':>6}"
+    header = (f"{'model':<9} {'batch':>6} {'batches/ep':>10} {'timed':>6} {'torchrec s/ep':>14} {'nn.Embedding s/ep':>18} "
+              f"{'ratio':>6} {'torchrec cpu s/ep':>18} {'nn.Emb cpu s/ep':>16} {'cpu ratio':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<9} {r['batch_size']:>6} {r['batches_per_epoch']:>10} {r['timed_batches']:>6} "
-                     f"{r['torchrec']:>14.2f} {r['nn.Embedding']:>18.2f} {r['ratio']:>6.2f}")
+                     f"{r['torchrec']:>14.2f} {r['nn.Embedding']:>18.2f} {r['ratio']:>6.2f} "
+                     f"{r['torchrec cpu']:>18.2f} {r['nn.Embedding cpu']:>16.2f} {r['cpu ratio']:>9.2f}")
+    lines.append("params: " + "; ".join(f"{r['model']} {r['params']}" for r in rows))
     lines.append(f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     table = "\n".join(lines)
     print(table)

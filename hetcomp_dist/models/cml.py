@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.evaluate import dot_scorer
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
@@ -40,10 +41,11 @@ class CML(nn.Module):
         return torch.relu(self.margin + d_pos - d_neg).sum(1).mean()
 
     def scorer(self):
-        items = self.tables.weight("item")
-        item_sq = items.pow(2).sum(-1)
-        # -||u - i||^2 = 2 u.i - ||i||^2 - ||u||^2; the last term does not change a user's ranking.
-        return lambda users: 2 * self.tables(user=users)["user"] @ items.T - item_sq
+        users, items = self.tables.weight("user"), self.tables.weight("item")
+        # -||u - i||^2 = 2 u.i - ||i||^2 - ||u||^2; the last term does not change a user's ranking,
+        # and the rest is one dot product: [2u, 1] . [i, -||i||^2].
+        return dot_scorer(torch.cat([2 * users, users.new_ones(len(users), 1)], 1),
+                          torch.cat([items, -items.pow(2).sum(-1, keepdim=True)], 1))
 
     @torch.no_grad()
     def after_step(self) -> None:

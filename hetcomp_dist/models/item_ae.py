@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetcomp_dist.data.dataset import Interactions
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
-from hetcomp_dist.models.vae import bag_inputs
+from hetcomp_dist.models.vae import bag_inputs, multinomial_nll
 
 
 def transpose(train: Interactions) -> Interactions:
@@ -48,8 +47,7 @@ class ItemAE(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h, (row, user) = self._codes(batch["item"])
-        log_p = F.log_softmax(h @ self.tables.weight("user_out").T + self.out_bias, dim=-1)
-        return -log_p[row, user].sum() / len(h)
+        return multinomial_nll(h, self.tables.weight("user_out"), self.out_bias, row, user) / len(h)
 
     def scorer(self):
         n_items = self.by_item.n_users

@@ -8,26 +8,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.evaluate import dot_scorer
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """y = A x for a symmetric sparse A; the backward is A g (no transpose of A needed)."""
+class Adjacency:
+    """A symmetric sparse matrix in CSR arrays, multiplied through ``F.embedding_bag``.
 
+    Row r of ``A @ x`` is the weighted sum of the rows ``x[col]`` of its non-zeros, which is what
+    a sum-mode embedding bag with per-sample weights computes; on CPU that kernel is 2.5-3.5x
+    faster than ``torch.sparse.mm`` on the same CSR matrix (Gowalla, 2 threads). A is symmetric,
+    so the backward of ``A @ x`` is ``A @ grad`` (no transpose, no scatter).
+
+    Args:
+        indptr: int64 [n + 1]; cols: int64 [nnz]; values: float32 [nnz]: CSR of the n x n matrix.
+    """
+
+    def __init__(self, indptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor):
+        self.offsets, self.cols, self.values = indptr[:-1].contiguous(), cols, values
+        self.n = len(indptr) - 1
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """A @ x: n x d -> n x d (not differentiable; see :meth:`__matmul__`)."""
+        return F.embedding_bag(self.cols, x, self.offsets, mode="sum", per_sample_weights=self.values)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return _SymmetricMM.apply(self, x)
+
+
+class _SymmetricMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, adjacency: Adjacency, x: torch.Tensor) -> torch.Tensor:
         ctx.adjacency = adjacency
-        return torch.sparse.mm(adjacency, x)
+        return adjacency.mm(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, torch.sparse.mm(ctx.adjacency, grad)
+        return None, ctx.adjacency.mm(grad.contiguous())
 
 
-def normalized_adjacency(train: Interactions) -> torch.Tensor:
-    """D^-1/2 A D^-1/2 of the bipartite graph, (users + items) square, sparse CSR float32."""
+def normalized_adjacency(train: Interactions) -> Adjacency:
+    """D^-1/2 A D^-1/2 of the bipartite graph, (users + items) square: users first, then items."""
     u = train.users().astype(np.int64)
     i = train.indices.astype(np.int64) + train.n_users
     rows, cols = np.concatenate([u, i]), np.concatenate([i, u])
@@ -37,47 +60,56 @@ def normalized_adjacency(train: Interactions) -> torch.Tensor:
     order = np.lexsort((cols, rows))
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols[order]),
-                                   torch.from_numpy(values[order].astype(np.float32)), (n, n))
+    return Adjacency(torch.from_numpy(indptr), torch.from_numpy(cols[order]),
+                     torch.from_numpy(values[order].astype(np.float32)))
 
 
 @register("lightgcn")
 class LightGCN(nn.Module):
     """Final embedding = mean of layers 0..L of E_{k+1} = A_hat E_k; score = <u, i>; BPR + L2 on layer 0.
 
+    Each loss call propagates the whole graph once (forward and backward: 2L sparse products over
+    all rows), whatever the batch size; that dominates a step, so an epoch costs about
+    (interactions / batch_size) propagations and large batches (with a larger learning rate) are
+    what make an epoch cheap. ``n_neg`` negatives per positive reuse the same propagation.
+
     Args:
-        dim: embedding size. layers: propagation depth (3). reg: L2 weight on the batch's layer-0 rows.
+        dim: embedding size. layers: propagation depth (3). reg: L2 weight on the batch's layer-0 rows
+        (per positive). n_neg: sampled negatives per positive; the BPR term is averaged over them.
     """
 
     def __init__(self, n_users: int, n_items: int, train: Interactions, dim: int = 64, layers: int = 3,
-                 reg: float = 1e-4, init_std: float = 0.1, device: torch.device | None = None):
+                 reg: float = 1e-4, n_neg: int = 1, init_std: float = 0.1, device: torch.device | None = None):
         super().__init__()
-        self.n_users, self.layers, self.reg = n_users, layers, reg
+        self.n_users, self.layers, self.reg, self.n_neg = n_users, layers, reg, n_neg
         self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std, device)
         self.adjacency = normalized_adjacency(train)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final user (n_users x d) and item (n_items x d) embeddings."""
         x = torch.cat([self.tables.weight("user"), self.tables.weight("item")])
         total = x
         for _ in range(self.layers):
-            x = _SymmetricSpMM.apply(self.adjacency, x)
+            x = self.adjacency @ x
             total = total + x
         final = total / (self.layers + 1)
         return final[:self.n_users], final[self.n_users:]
 
     def batches(self, train, batch_size, rng):
-        return sampling.triples(train, batch_size, rng)
+        return sampling.triples(train, batch_size, rng, n_neg=self.n_neg)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         users, items = self.propagate()
-        u, p, n = users[batch["user"]], items[batch["pos"]], items[batch["neg"][:, 0]]
-        e0 = self.tables(user=batch["user"], item=torch.cat([batch["pos"], batch["neg"][:, 0]]))
+        neg = batch["neg"]                                                   # B x n_neg
+        u, p, n = users[batch["user"]], items[batch["pos"]], items[neg]      # B x d, B x d, B x n_neg x d
+        pos_score = (u * p).sum(-1, keepdim=True)                            # B x 1
+        neg_score = torch.bmm(n, u.unsqueeze(-1)).squeeze(-1)                # B x n_neg
+        e0 = self.tables(user=batch["user"], item=torch.cat([batch["pos"], neg.flatten()]))
         reg = (e0["user"].pow(2).sum() + e0["item"].pow(2).sum()) / len(u)
-        return -F.logsigmoid((u * p).sum(-1) - (u * n).sum(-1)).mean() + self.reg * reg
+        return -F.logsigmoid(pos_score - neg_score).mean() + self.reg * reg
 
     def scorer(self):
-        users, items = self.propagate()
-        return lambda batch: users[batch] @ items.T
+        return dot_scorer(*self.propagate())
 
     def after_step(self) -> None:
         pass

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.evaluate import dot_scorer
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
@@ -39,8 +40,7 @@ class BPRMF(nn.Module):
         return -F.logsigmoid(diff).mean() + self.reg * reg
 
     def scorer(self):
-        items = self.tables.weight("item")
-        return lambda users: self.tables(user=users)["user"] @ items.T
+        return dot_scorer(self.tables.weight("user"), self.tables.weight("item"))
 
     def after_step(self) -> None:
         pass

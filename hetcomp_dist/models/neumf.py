@@ -20,12 +20,13 @@ class NeuMF(nn.Module):
         dim: GMF embedding size (the MLP tables have the same size).
         layers: MLP widths after the concatenated [m_u; m_i] input.
         n_neg: sampled negatives per positive.
-        score_chunk: users per chunk when scoring all items (memory ~ chunk x n_items x layers[0]).
+        score_chunk: users per chunk when scoring all items (memory ~ chunk x n_items x layers[0];
+            a few users keep it in cache, which is several times faster than tens on a CPU).
     """
 
     def __init__(self, n_users: int, n_items: int, train: Interactions, dim: int = 32,
                  layers: tuple[int, ...] = (32, 16, 8), n_neg: int = 4, init_std: float = 0.01,
-                 score_chunk: int = 32, device: torch.device | None = None):
+                 score_chunk: int = 2, device: torch.device | None = None):
         super().__init__()
         self.n_neg, self.score_chunk = n_neg, score_chunk
         self.tables = Tables({"gmf_user": (n_users, dim), "gmf_item": (n_items, dim),
@@ -56,17 +57,23 @@ class NeuMF(nn.Module):
         dim = gi.shape[1]
         w_gmf, w_mlp = self.out.weight[0, :dim], self.out.weight[0, dim:]
         first = self.mlp[0]
-        item_part = mi @ first.weight[:, dim:].T  # the first MLP layer splits into user + item halves
+        # The first layer splits into a user half and an item half; pair activations are laid out
+        # width x items (items innermost), so each layer is one wide (out x in) @ (in x n_items) product.
+        item_part = (first.weight[:, dim:] @ mi.T).contiguous()   # layers[0] x n_items
+        gmf_items = (gi * w_gmf).T.contiguous()                   # d x n_items
+        rest = [(layer.weight, layer.bias[:, None]) for layer in self.mlp[1:]]
+        n_items, chunk = item_part.shape[1], max(1, self.score_chunk)
 
         def score(users: torch.Tensor) -> torch.Tensor:
             e = self.tables(gmf_user=users, mlp_user=users)
-            out = (e["gmf_user"] * w_gmf) @ gi.T + self.out.bias
+            out = torch.addmm(self.out.bias.expand(len(users), n_items), e["gmf_user"], gmf_items)
             user_part = e["mlp_user"] @ first.weight[:, :dim].T + first.bias
-            for s in range(0, len(users), self.score_chunk):
-                h = torch.relu(user_part[s:s + self.score_chunk, None, :] + item_part[None])
-                for layer in self.mlp[1:]:
-                    h = torch.relu(layer(h))
-                out[s:s + self.score_chunk] += h @ w_mlp
+            # A few users at a time: their pair activations (chunk x width x n_items) stay in cache.
+            for s in range(0, len(users), chunk):
+                h = (user_part[s:s + chunk, :, None] + item_part).relu_()   # c x layers[0] x n_items
+                for w, b in rest:
+                    h = torch.matmul(w, h).add_(b).relu_()
+                out[s:s + chunk] += torch.matmul(w_mlp, h)
             return out
         return score
 

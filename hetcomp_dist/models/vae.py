@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetcomp_dist.data.dataset import Interactions
@@ -28,6 +27,42 @@ def bag_inputs(train: Interactions, rows: torch.Tensor, dropout: float, training
         weights = weights / (1 - dropout)
     lengths = torch.bincount(row[keep], minlength=len(rows))
     return ids[keep], lengths, weights[keep], torch.stack([row, ids])
+
+
+class _MultinomialNLL(torch.autograd.Function):
+    """Sum over the given (row, col) pairs of -log softmax(h @ weight.T + bias)[row, col], fused.
+
+    The B x N logits are the only large buffer: the forward turns them in place into the gradient
+    with respect to the logits (n_row * softmax - one-hot, n_row = the row's number of pairs), so
+    no log-softmax output, no one-hot and no separate softmax backward are materialised. On a CPU
+    the B x N passes cost about as much as the matrix products, so this halves an autoencoder step.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        logits = torch.addmm(bias, h, weight.T)                              # B x N
+        picked = logits[row, col].sum()
+        top = logits.max(dim=1, keepdim=True).values
+        logits.sub_(top).exp_()                                              # exp(logit - max)
+        total = logits.sum(dim=1, keepdim=True)
+        n = torch.bincount(row, minlength=len(h)).to(logits.dtype).unsqueeze(1)
+        loss = (n * (top + total.log())).sum() - picked                     # sum_pairs (lse - logit)
+        logits.mul_(n / total)                                               # n * softmax
+        logits.index_put_((row, col), torch.tensor(-1.0, dtype=logits.dtype), accumulate=True)
+        ctx.save_for_backward(logits, h, weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g_logits, h, weight = ctx.saved_tensors  # scale the small products, not the B x N buffer
+        return (g_logits @ weight) * grad, (g_logits.T @ h) * grad, g_logits.sum(0) * grad, None, None
+
+
+def multinomial_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """-sum over pairs of log softmax(h @ weight.T + bias)[row, col]: h B x d, weight N x d, bias N."""
+    return _MultinomialNLL.apply(h, weight, bias, row, col)
 
 
 @register("multvae")
@@ -64,15 +99,17 @@ class MultVAE(nn.Module):
         mu, logvar = self.encoder(h).chunk(2, dim=-1)
         return mu, logvar, pairs
 
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden layer (B x out_dim); logits = it @ item_out.T + out_bias."""
+        return torch.tanh(self.decoder(z)) if self.decoder is not None else z
+
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.decoder(z)) if self.decoder is not None else z
-        return h @ self.tables.weight("item_out").T + self.out_bias
+        return torch.addmm(self.out_bias, self._decode(z), self.tables.weight("item_out").T)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mu, logvar, (row, item) = self._encode(batch["user"])
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        log_p = F.log_softmax(self._logits(z), dim=-1)
-        nll = -log_p[row, item].sum() / len(mu)
+        nll = multinomial_nll(self._decode(z), self.tables.weight("item_out"), self.out_bias, row, item) / len(mu)
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
         beta = min(self.beta_max, self.steps.item() / self.anneal_steps)
         self.steps += 1

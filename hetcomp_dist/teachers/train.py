@@ -35,6 +35,7 @@ class TeacherConfig:
     max_epochs: int = 200
     eval_every: int = 5
     patience: int = 5             # evaluations without improvement of select_metric
+    max_seconds: float = 0.0      # > 0: stop at the first evaluation after this much training + evaluation time
     select_metric: str = "recall@20"
     seed: int = 0
     threads: int = 1              # torch intra-op threads
@@ -113,13 +114,15 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
             else:
                 loop["bad_evals"] += 1
             loop["epoch"] = epoch
+            loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start  # with evaluations
             _save_checkpoint(out, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "loop": dict(loop), "best_model": best_model})
             event.update(valid=value, best=loop["best"], best_epoch=loop["best_epoch"])
             report(event)
-            if loop["bad_evals"] >= cfg.patience:
+            if loop["bad_evals"] >= cfg.patience or 0 < cfg.max_seconds <= loop["seconds"]:
                 break
         else:
+            loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start
             report(event)
 
     model.load_state_dict(best_model)
