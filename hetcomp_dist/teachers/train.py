@@ -35,7 +35,7 @@ class TeacherConfig:
     max_epochs: int = 200
     eval_every: int = 5
     patience: int = 5             # evaluations without improvement of select_metric
-    max_seconds: float = 0.0      # > 0: stop at the first evaluation after this much training + evaluation time
+    max_seconds: float = 0.0      # > 0: evaluate and stop after the epoch that reaches this much training + evaluation time
     select_metric: str = "recall@20"
     seed: int = 0
     threads: int = 1              # torch intra-op threads
@@ -101,7 +101,8 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
         loop["train_seconds"] += time.perf_counter() - start
         event = {"teacher": cfg.name, "event": "epoch", "epoch": epoch, "loss": total / max(n, 1),
                  "epoch_seconds": time.perf_counter() - start}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+        out_of_time = 0 < cfg.max_seconds <= loop.get("seconds", 0.0) + time.perf_counter() - start
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time:  # out of time: last evaluation
             model.eval()
             with torch.no_grad():
                 scorer = model.scorer()
