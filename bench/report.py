@@ -86,7 +86,8 @@ def variants(best_teacher: str, sweeps: dict[str, list[float]]) -> list[Variant]
            Variant("rrd", f"rrd ({best_teacher})", "ensemble", (f"distill.teachers=[{best_teacher}]",)),
            Variant("mtd", "mtd (final ensemble)", "ensemble"),
            Variant("hetcomp", "HetComp", "hetcomp")]
-    for family, (name, symbol) in FAMILIES.items():
+    for family in ("penalty", "A", "B", "IPW"):   # the post-hoc baseline first: it needs only hetcomp
+        name, symbol = FAMILIES[family]
         for value in sweeps.get(family, []):
             out.append(Variant(f"hetcomp_{family}{value:g}", f"HetComp+{family}({symbol}={value:g})", "hetcomp",
                                (f"distill.{name}={value!r}",), family, float(value), post_hoc=family == "penalty"))
@@ -219,7 +220,8 @@ def plot_tradeoff(curves: dict[str, list[tuple[float, float, float]]], anchors: 
     ax.set_ylabel("test recall@50")
     ax.set_title("accuracy / popularity-lift trade-off")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -341,8 +343,9 @@ def penalised_metrics(cfg, student_uri: str, beta: float) -> dict[str, dict[str,
         return {split: evaluate_split(scorer, data, split, tuple(cfg.ks), cfg.eval_batch_size) for split in ("test", "valid")}
 
 
-def collect(args, cfg) -> tuple[list[Row], list[str]]:
-    """Every row of the comparison (training what storage lacks), and notes on how each was made."""
+def collect(args, cfg, progress=lambda rows, notes: None) -> tuple[list[Row], list[str]]:
+    """Every row of the comparison (training what storage lacks), and notes on how each was made;
+    ``progress(rows, notes)`` after each student, so an interrupted run still leaves a report."""
     from hetcomp_dist import storage
 
     if not teachers_complete(cfg):
@@ -388,6 +391,7 @@ def collect(args, cfg) -> tuple[list[Row], list[str]]:
             notes.append(f"{v.label}: {what}")
         hetcomp = m if v.key == "hetcomp" else hetcomp
         rows.append(Row(v.key, v.label, m["test"], m.get("train_seconds"), v.family, v.param, valid=m["valid"]))
+        progress(rows, notes)
     return rows, notes
 
 
@@ -435,8 +439,13 @@ def main() -> None:
 
     cfg = config.load(RunConfig, args.config, args.set)
     out_dir = Path(args.out or REPO / "bench" / "out" / (Path(args.config).stem + ("-quick" if args.quick else "")))
-    rows, notes = collect(args, cfg)
     command = ".venv/bin/python bench/report.py " + shlex.join(sys.argv[1:])
+
+    def partial(rows: list[Row], notes: list[str]) -> None:
+        write(rows, [*notes, "(partial: the run is still going)"], cfg.dataset_uri, command, Path(args.config).name,
+              out_dir, None)
+
+    rows, notes = collect(args, cfg, partial)
     text = write(rows, notes, cfg.dataset_uri, command, Path(args.config).name, out_dir,
                  REPO / "README.md" if args.readme else None)
     print("\n" + text)
