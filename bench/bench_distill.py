@@ -368,13 +368,25 @@ def run_steps(spec: dict, args: argparse.Namespace) -> dict:
             "load_during_steps": (load_before + os.getloadavg()[0]) / 2, "peak_rss_mb": peak_rss_mb()}
 
 
-def subprocess_json(argv: list[str], result: Path, env: dict[str, str]) -> dict:
-    """Run this script with ``argv`` in a child; return its JSON result plus wall seconds and peak RSS."""
+def subprocess_json(argv: list[str], result: Path, env: dict[str, str], deadline: float) -> dict:
+    """Run this script with ``argv`` in a child; return its JSON result plus wall seconds and peak RSS.
+
+    The child is killed (TimeoutError) if it is still running at ``deadline`` (time.monotonic()).
+    """
     t0 = time.perf_counter()
+    result.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)], env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            raise TimeoutError(f"killed after {time.perf_counter() - t0:.0f} s (--budget-minutes reached)")
+        time.sleep(0.5)
     if status != 0:
-        raise RuntimeError(f"{argv} failed with status {status}")
+        raise RuntimeError(f"{argv[:2]} failed with status {status}")
     out = json.loads(result.read_text())
     out.update(child_seconds=time.perf_counter() - t0, child_peak_rss_mb=usage.ru_maxrss / 1024)
     return out
@@ -518,6 +530,8 @@ def main() -> None:
                          "~8 min under a load of 15)")
     ap.add_argument("--max-setup-batches", type=int, default=30,
                     help="user batches of 1024 for which P_u and T_u are built (and timed); more users: projected")
+    ap.add_argument("--budget-minutes", type=float, default=15,
+                    help="wall-clock budget: a child still running then is killed and its size reported as not measured")
     ap.add_argument("--workdir", default=None, help="parent of the temp dir (default: the system's)")
     ap.add_argument("--plot", action="store_true", help="draw bench/out/distill_scaling.png")
     ap.add_argument("--_role", help=argparse.SUPPRESS)
@@ -547,14 +561,15 @@ def main() -> None:
               "--chunk", str(args.chunk)]
     command = "nice -n 5 .venv/bin/python bench/bench_distill.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"$ {command}\n{load_avg()} at the start", flush=True)
-    gen, loop, steps = {}, {}, {}
+    gen, loop, steps, missing = {}, {}, {}, []
     t_all = time.perf_counter()
+    deadline = time.monotonic() + 60 * args.budget_minutes
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_distill-") as tmp:
         tmp = Path(tmp)
         result = tmp / "result.json"
 
         def child(role: str, spec: dict) -> dict:
-            return subprocess_json(["--_role", role, "--_spec", json.dumps(spec), *common], result, env)
+            return subprocess_json(["--_role", role, "--_spec", json.dumps(spec), *common], result, env, deadline)
 
         base = tmp / "base"
         base.mkdir()
@@ -564,21 +579,35 @@ def main() -> None:
         for f in sorted(args.sizes):
             root = tmp / f"x{f}"
             root.mkdir()
-            gen[f] = g = child("gen", {"base": str(base), "f": f, "root": str(root)})
-            print(f"{f}x: data + trajectories written in {g['child_seconds']:.0f} s "
-                  f"({g['trajectory_bytes_on_disk'] / 1e6:,.0f} MB of trajectories); {load_avg()}", flush=True)
-            if f == 1:
-                for unit in args.loop_units:
-                    loop[unit] = child("loop", {**g, "unit": unit, "out": str(root / f"student-{unit}")})
-                    print(f"  1x distill() one epoch, {unit}: {loop[unit]['epoch_seconds']:.1f} s "
-                          f"(run {loop[unit]['wall_seconds']:.0f} s, peak RSS {loop[unit]['child_peak_rss_mb']:,.0f} MB)",
-                          flush=True)
-            names = args.variants if f == min(args.sizes) else args.scaling_variants
-            steps[f] = child("steps", {**g, "variants": names})
-            print(f"  {f}x setup {steps[f]['setup_seconds']:.0f} s, peak RSS {steps[f]['setup_rss_mb']:,.0f} MB; "
-                  f"steps {steps[f]['steps_wall_seconds']:.0f} s; {load_avg()}", flush=True)
+            stage = "data generation"
+            try:
+                gen[f] = g = child("gen", {"base": str(base), "f": f, "root": str(root)})
+                print(f"{f}x: data + trajectories written in {g['child_seconds']:.0f} s "
+                      f"({g['trajectory_bytes_on_disk'] / 1e6:,.0f} MB of trajectories); {load_avg()}", flush=True)
+                if f == 1:
+                    for unit in args.loop_units:
+                        stage = f"distill() loop ({unit})"
+                        loop[unit] = child("loop", {**g, "unit": unit, "out": str(root / f"student-{unit}")})
+                        print(f"  1x distill() one epoch, {unit}: {loop[unit]['epoch_seconds']:.1f} s (run "
+                              f"{loop[unit]['wall_seconds']:.0f} s, peak RSS {loop[unit]['child_peak_rss_mb']:,.0f} MB)",
+                              flush=True)
+                stage = "setup + steps"
+                names = args.variants if f == min(args.sizes) else args.scaling_variants
+                steps[f] = child("steps", {**g, "variants": names})
+                print(f"  {f}x setup {steps[f]['setup_seconds']:.0f} s, peak RSS {steps[f]['setup_rss_mb']:,.0f} MB; "
+                      f"steps {steps[f]['steps_wall_seconds']:.0f} s; {load_avg()}", flush=True)
+            except (TimeoutError, RuntimeError) as e:
+                missing.append(f"{f}x: NOT MEASURED, {stage} {e}")
+                print(f"  {missing[-1]}", flush=True)
+                gen.pop(f, None)
             shutil.rmtree(root, ignore_errors=True)     # the 100x trajectories are GBs
-    lines = [f"$ {command}", ""] + tables(args, gen, loop, steps)
+            if time.monotonic() > deadline:
+                missing += [f"{x}x: NOT MEASURED (budget spent)" for x in sorted(args.sizes) if x > f]
+                break
+    if not steps:
+        print("\n".join(missing))
+        return
+    lines = [f"$ {command}", ""] + tables(args, gen, loop, steps) + ([""] + missing if missing else [])
     lines += ["", f"total {time.perf_counter() - t_all:.0f} s; {load_avg()} at the end (other jobs share the 2 CPUs: "
                   "absolute times are inflated, variants of one size alternate so they share the load alike)"]
     text = "\n".join(lines)
