@@ -277,7 +277,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
             report(event)
 
     train_seconds = time.perf_counter() - start_time
-    student.load_state_dict(best_state)
+    if best_state is not None:                    # None only when no evaluation ran (max_epochs < eval_every)
+        student.load_state_dict(best_state)
     student.eval()
     scorer = student.scores                       # the post-hoc popularity penalty applies only to the final ranking
     if cfg.pop_penalty:
