@@ -4,7 +4,9 @@
     <run>/teachers/<name>/trajectory teacher trajectory (manifest written last)
     <run>/teachers/<name>/checkpoints/epoch-N
     <run>/teachers/summary/          all teachers' summaries (manifest)
-    <run>/distill/<method>/          student.pt, metrics.json, report.md (manifest)
+    <run>/ensemble/                  each teacher's final snapshot and their ensemble, evaluated (hetcomp ensemble)
+    <run>/distill/<method>/          student.pt, metrics.json, report.md, curves.png, stages.png (manifest)
+    <run>/report/                    the whole pipeline's table (run_pipeline, hetcomp demo)
 
 Each job reads the sections it needs; unknown keys anywhere are errors.
 """
