@@ -48,10 +48,7 @@ def run(tmp_path_factory):
                 rest = np.setdiff1d(np.concatenate([held, others]), lead)
                 lists[u] = np.concatenate([lead, np.random.default_rng(u + stage).permutation(rest)])[:K]
             writer.write_snapshot(epoch, {"recall@20": 0.1 * (stage + 1)}, [(np.arange(data.n_users), lists)])
-        observed = np.full((data.n_users, 12), -1, dtype=np.int32)
-        for u in range(data.n_users):
-            own = data.train.items_of(u)
-            observed[u, :len(own)] = own
+        observed = data.train.padded(np.arange(data.n_users), width=12).astype(np.int32)
         writer.finish([(np.arange(data.n_users), observed)])
         uris.append(uri)
     return ds_uri, uris, root

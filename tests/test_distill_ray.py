@@ -7,11 +7,8 @@ hand-made trajectories of tests/test_distill.py, copied into the run layout.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,8 @@ import yaml
 from hetcomp_dist import storage
 from hetcomp_dist.distill.train import DistillConfig, distill
 from test_distill import K, run  # noqa: F401  (the synthetic dataset + trajectories fixture)
-from test_teachers_ray import REPO, VENV_BIN, _clean_env, _die_with_parent, _pids_mentioning, ray_head  # noqa: F401
+from procs import REPO, VENV_BIN, die_with_parent, run_with_local_ray
+from test_teachers_ray import ray_head  # noqa: F401  (the Ray head fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -54,23 +52,8 @@ def _run_cli(tmp_path: Path, run_dir: Path, out: str, workers: int, **env: str) 
     path = _config(tmp_path, run_dir, out, workers)
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    ray_tmp = tempfile.mkdtemp(prefix="rayd", dir="/tmp")  # short: Ray's socket paths live below it
-    try:
-        proc = subprocess.run([str(VENV_BIN / "python"), str(Path(__file__).parents[1] / "jobs" / "distill.py"),
-                               "--config", str(path)],
-                              env=_clean_env(HOME=str(home), RAY_TMPDIR=ray_tmp, **env), cwd=tmp_path,
-                              capture_output=True, text=True, timeout=500, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 20
-        while _pids_mentioning(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        for pid in _pids_mentioning(ray_tmp):
-            with contextlib.suppress(OSError):
-                import os
-                import signal
-
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    proc = run_with_local_ray([str(VENV_BIN / "python"), str(REPO / "jobs" / "distill.py"), "--config", str(path)],
+                              cwd=tmp_path, timeout=500, HOME=str(home), **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -117,7 +100,7 @@ def test_ray_job_submit(ray_head, ray_run, tmp_path: Path) -> None:  # noqa: F81
     proc = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
          "python", "jobs/distill.py", "--config", str(path)],
-        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=500, preexec_fn=_die_with_parent)
+        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=500, preexec_fn=die_with_parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "student (hetcomp): test " in proc.stdout  # the job's log streams back to the submitter
     metrics = storage.read_json(out, "metrics.json")

@@ -70,10 +70,7 @@ def run(tmp_path_factory):
             kind = name if stage == 3 else "noise"
             lists = _unobserved_lists(data, kind, seed=100 * t + stage)
             writer.write_snapshot(epoch, {"recall@20": 0.1 * (stage + 1)}, [(np.arange(data.n_users), lists)])
-        observed = np.full((data.n_users, 15), -1, dtype=np.int32)
-        for u in range(data.n_users):
-            own = data.train.items_of(u)
-            observed[u, :len(own)] = own
+        observed = data.train.padded(np.arange(data.n_users), width=15).astype(np.int32)
         writer.finish([(np.arange(data.n_users), observed)])
     return run_uri, data
 

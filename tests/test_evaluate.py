@@ -358,3 +358,17 @@ def test_ease_matches_closed_form_and_guards_size():
     np.testing.assert_allclose(model(torch.arange(30)).numpy(), x @ b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="max_items"):
         EASE(max_items=10).fit(from_dense(x))
+
+
+def test_padded_rows_match_items_of():
+    split = inter([[3, 1], [], [0, 2, 4]], n_items=5)
+    users = np.array([2, 0, 1])
+    out = split.padded(users)
+    assert out.shape == (3, 3)
+    for row, u in zip(out, users):
+        own = row[row >= 0]
+        assert sorted(own.tolist()) == sorted(split.items_of(u).tolist())
+        assert (row[len(own):] == -1).all()
+    assert split.padded(users, width=4).shape == (3, 4)
+    with pytest.raises(ValueError, match="width=2"):
+        split.padded(users, width=2)

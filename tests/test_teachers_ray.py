@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -35,10 +34,9 @@ from hetcomp_dist.cli import main
 from hetcomp_dist.pipeline import RunConfig
 from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
+from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning, run_with_local_ray
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-VENV_BIN = Path(sys.executable).parent
 NAMES = ["bpr_mf", "lightgcn", "multvae"]
 BUCKET = "hetcomp-test"  # the bucket of conftest's s3_server
 
@@ -86,33 +84,6 @@ def _free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGTERMs the child if pytest dies without teardown (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line contains ``text`` (a unique temp dir: only ours)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if text.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-    return pids
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without Ray connection/auth settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
 
 
 # ----------------------------------------------------------------------------- fast tier
@@ -186,21 +157,8 @@ def test_cli_on_local_ray_writes_to_s3(s3_server: str, datasets_dir: Path, tmp_p
     run = f"s3://{BUCKET}/{uuid.uuid4().hex}"
     home = tmp_path / "home"
     home.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="rayl", dir="/tmp")  # short: Ray's socket paths live below it
-    env = _clean_env(HOME=str(home), HETCOMP_DATASETS_DIR=str(datasets_dir), RAY_TMPDIR=ray_tmp)
-    try:
-        proc = subprocess.run([str(VENV_BIN / "hetcomp"), "train-teachers", "--config", str(TINY), "--set",
-                               f"run={run}"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
-                              preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 20
-        while _pids_mentioning(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _pids_mentioning(ray_tmp), "the local Ray instance outlived the command"
-    finally:
-        for pid in _pids_mentioning(ray_tmp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    proc = run_with_local_ray([str(VENV_BIN / "hetcomp"), "train-teachers", "--config", str(TINY), "--set", f"run={run}"],
+                              cwd=tmp_path, timeout=400, HOME=str(home), HETCOMP_DATASETS_DIR=str(datasets_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_run(run, NAMES)
     for name in NAMES:
@@ -220,7 +178,7 @@ def ray_head(datasets_dir: Path) -> Iterator[dict[str, Any]]:
     temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths live below it
     (temp / "home").mkdir()
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    env = {k: v for k, v in _clean_env().items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in clean_env().items() if not k.startswith("AWS_")}
     env.update(HOME=str(temp / "home"), RAY_AUTH_MODE="disabled", HETCOMP_DATASETS_DIR=str(datasets_dir),
                RAY_USAGE_STATS_ENABLED="0")
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
@@ -231,7 +189,7 @@ def ray_head(datasets_dir: Path) -> Iterator[dict[str, Any]]:
            f"--object-manager-port={obj_mgr}", f"--temp-dir={temp / 'r'}", "--disable-usage-stats"]
     with open(temp / "head.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
     dashboard = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -252,9 +210,7 @@ def ray_head(datasets_dir: Path) -> Iterator[dict[str, Any]]:
             proc.kill()
             proc.wait(timeout=10)
         time.sleep(1)
-        for pid in _pids_mentioning(str(temp)):  # anything of this head still alive (its temp dir is unique)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_mentioning(str(temp))  # anything of this head still alive (its temp dir is unique)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -269,7 +225,7 @@ def test_ray_job_submit(ray_head: dict[str, Any], tmp_path: Path) -> None:
         [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--submission-id", job_id,
          "--working-dir", ".", "--", "python", "jobs/train_teachers.py", "--config", "configs/tiny.yaml",
          "--set", f"run={run}"],
-        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=400, preexec_fn=_die_with_parent)
+        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=400, preexec_fn=die_with_parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert JobSubmissionClient(ray_head["dashboard"]).get_job_status(job_id) == JobStatus.SUCCEEDED
     check_run(run, NAMES)

@@ -56,6 +56,18 @@ class Interactions:
         offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         return row, self.indices[np.repeat(starts, lengths) + offsets]
 
+    def padded(self, users: np.ndarray, width: int | None = None) -> np.ndarray:
+        """int64 [len(users), width]: each user's items, left-aligned and -1 padded (width: the longest row)."""
+        users = np.asarray(users, dtype=np.int64)
+        counts = self.indptr[users + 1] - self.indptr[users]
+        width = int(counts.max(initial=0)) if width is None else width
+        if counts.max(initial=0) > width:
+            raise ValueError(f"a user has {counts.max()} items, more than width={width}")
+        out = np.full((len(users), width), -1, dtype=np.int64)
+        row, items = self.rows(users)
+        out[row, np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)] = items
+        return out
+
     @classmethod
     def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> "Interactions":
         """Build from (user, item) pairs; pairs must be unique."""

@@ -211,7 +211,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                 local = torch.from_numpy(users.astype(np.int64)) - start
                 p, t = observed_rank[local], targets[local]
                 u_emb = student.tables(user=local)["user"]
-                exclude = torch.cat([_padded_rows(data.train, users), t], 1)     # N_u \ T_u is everything else
+                exclude = torch.cat([torch.from_numpy(data.train.padded(users)), t], 1)     # N_u \ T_u is everything else
                 rest = akt.unobserved_exp_sum(u_emb, item_weight, exclude, cfg.score_clamp, cfg.sampled_negatives, sampler)
                 s_p = akt.list_scores(u_emb, item_weight, p, cfg.score_clamp)
                 s_t = akt.list_scores(u_emb, item_weight, t, cfg.score_clamp)
@@ -358,16 +358,6 @@ def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, A
             o.write_bytes("state.pt", buffer.getvalue())
     if distributed.is_distributed():
         dist.barrier()
-
-
-def _padded_rows(train, users: np.ndarray) -> torch.Tensor:
-    """int64 [B, max items]: the users' train items, -1 padded."""
-    counts = train.indptr[users + 1] - train.indptr[users]
-    out = torch.full((len(users), int(counts.max(initial=0))), -1, dtype=torch.long)
-    row, items = train.rows(users)
-    col = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-    out[torch.from_numpy(row), torch.from_numpy(col)] = torch.from_numpy(items.astype(np.int64))
-    return out
 
 
 class _TargetBuilder:
