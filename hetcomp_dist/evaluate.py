@@ -154,12 +154,7 @@ def evaluate_split(
     """
     if users is None:
         users = dataset.eval_users()
-    if split == "test":
-        other = dataset.valid
-    elif split == "valid":
-        other = dataset.test
-    else:
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    other = dataset.held_out_besides(split)
     return evaluate(
         scorer, dataset.train, dataset.split(split), exclude=[other],
         ks=ks, batch_size=batch_size, users=users, progress=progress,

@@ -169,6 +169,14 @@ def test_reads_only_row_groups_covering_the_shard(storage_root, monkeypatch):
     read_observed([uri], 300, 400, stats=stats)
     assert requested == [[3]] and stats["row_groups_read"] == 1
 
+    requested.clear()
+    stats = {}
+    final = TrajectoryReader([uri]).final(250, 420, k=5, stats=stats)   # the best (last kept) snapshot only
+    assert final.shape == (170, 1, 5)
+    assert m["trajectory"][-1]["epoch"] == 4
+    assert np.array_equal(final[:, 0].numpy(), topk(n, k, 4)[250:420, :5])
+    assert requested == [[2, 3, 4]] and stats["parts_read"] == 1
+
 
 def test_partial_read_fetches_a_fraction_of_the_bytes(storage_root):
     n, k = 6000, 100

@@ -97,6 +97,12 @@ class Dataset:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         return getattr(self, name)
 
+    def held_out_besides(self, split: str) -> Interactions:
+        """What evaluation on ``split`` excludes besides train: the other held-out split (ALGORITHM.md §2)."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        return self.test if split == "valid" else self.valid
+
     def eval_users(self) -> np.ndarray:
         """Evaluated users (int64): those with at least one valid AND one test item.
 

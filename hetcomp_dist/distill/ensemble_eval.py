@@ -28,7 +28,6 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 import torch
 
 from hetcomp_dist import storage
@@ -38,7 +37,7 @@ from hetcomp_dist.distill.ensemble import ListScorer
 from hetcomp_dist.evaluate import RankingSums, evaluate_sums
 from hetcomp_dist.storage import StorageError
 from hetcomp_dist.teachers.train import teacher_uri
-from hetcomp_dist.teachers.trajectory import TrajectoryReader, _read_rows
+from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 if TYPE_CHECKING:
     from hetcomp_dist.pipeline import RunConfig
@@ -120,22 +119,21 @@ def evaluate_ensemble(cfg: "RunConfig", temperature: float | None = None,
     sums = {split: {m: RankingSums.zeros(ks, n_items) for m in models} for split in SPLITS}
     seconds = dict.fromkeys(models, 0.0)
     eval_users = data.eval_users()
-    truth = {"test": (data.test, data.valid), "valid": (data.valid, data.test)}
     for lo in range(0, data.n_users, block_users):
         hi = min(lo + block_users, data.n_users)
         users = eval_users[(eval_users >= lo) & (eval_users < hi)]
         if len(users) == 0:
             continue
         first, stop = int(users[0]), int(users[-1]) + 1
-        lists = _final_lists(reader, first, stop, k_list)                     # [stop-first, T, K]
+        lists = reader.final(first, stop, k=k_list)                           # [stop-first, T, K]
         scorers = {name: _shifted(ListScorer(lists[:, t:t + 1], n_items, temperature=float(k_list)), first)
                    for t, name in enumerate(names)}
         scorers[ENSEMBLE] = _shifted(ListScorer(lists, n_items, temperature=temperature), first)
         for name, scorer in scorers.items():
             t0 = time.perf_counter()
             for split in SPLITS:
-                target, other = truth[split]
-                part = evaluate_sums(scorer, data.train, target, exclude=[other], ks=ks,
+                part = evaluate_sums(scorer, data.train, data.split(split),
+                                     exclude=[data.held_out_besides(split)], ks=ks,
                                      batch_size=cfg.eval_batch_size, users=users)
                 sums[split][name] = sums[split][name].merge(part)
             seconds[name] += time.perf_counter() - t0
@@ -232,16 +230,6 @@ def write_results(results: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _final_lists(reader: TrajectoryReader, start: int, stop: int, k: int) -> torch.Tensor:
-    """int32 [stop-start, T, k]: each teacher's final-snapshot lists of users [start, stop),
-    reading only that snapshot's row groups covering them (not the earlier stages)."""
-    out = np.empty((stop - start, reader.n_teachers, k), np.int32)
-    for t, (uri, m) in enumerate(zip(reader.uris, reader.manifests)):
-        part = m["trajectory"][-1]["part"]
-        out[:, t, :] = _read_rows(uri, part, m["parts"][part], m["k"], start, stop, k, None)
-    return torch.from_numpy(out)
 
 
 def _shifted(scorer: ListScorer, first: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -304,8 +304,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
 
 def _evaluate(scorer, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
     """Metrics over every rank's users: this rank's sums, all-reduced."""
-    other = data.test if split == "valid" else data.valid
-    sums = evaluate_sums(scorer, data.train, data.split(split), exclude=[other], ks=ks, users=users)
+    sums = evaluate_sums(scorer, data.train, data.split(split), exclude=[data.held_out_besides(split)],
+                         ks=ks, users=users)
     return distributed.all_reduce_ranking_sums(sums).metrics()
 
 

@@ -596,12 +596,7 @@ class TrajectoryReader:
         dict, is incremented with parts_read, row_groups_read, row_groups_total and bytes_read.
         """
         self._check_range(start, stop)
-        if k is None:
-            if len(set(self.ks)) != 1:
-                raise StorageError(f"teachers have different K {self.ks}: pass k <= {min(self.ks)}")
-            k = self.ks[0]
-        if not 1 <= k <= min(self.ks):
-            raise ValueError(f"k={k} must be in [1, {min(self.ks)}]")
+        k = self._list_length(k)
         out = np.empty((stop - start, self.n_teachers, self.n_snapshots, k), np.int32)
         if stop > start:
             for t, (uri, m) in enumerate(zip(self.uris, self.manifests)):
@@ -612,6 +607,27 @@ class TrajectoryReader:
                         loaded[part] = _read_rows(uri, part, m["parts"][part], m["k"], start, stop, k, stats)
                     out[:, t, s, :] = loaded[part]
         return torch.from_numpy(out)
+
+    def final(self, start: int, stop: int, *, k: int | None = None,
+              stats: dict[str, int] | None = None) -> torch.Tensor:
+        """int32 [stop-start, teachers, k]: the last stage only (the final snapshot), reading nothing else."""
+        self._check_range(start, stop)
+        k = self._list_length(k)
+        out = np.empty((stop - start, self.n_teachers, k), np.int32)
+        if stop > start:
+            for t, (uri, m) in enumerate(zip(self.uris, self.manifests)):
+                part = m["trajectory"][-1]["part"]
+                out[:, t, :] = _read_rows(uri, part, m["parts"][part], m["k"], start, stop, k, stats)
+        return torch.from_numpy(out)
+
+    def _list_length(self, k: int | None) -> int:
+        if k is None:
+            if len(set(self.ks)) != 1:
+                raise StorageError(f"teachers have different K {self.ks}: pass k <= {min(self.ks)}")
+            k = self.ks[0]
+        if not 1 <= k <= min(self.ks):
+            raise ValueError(f"k={k} must be in [1, {min(self.ks)}]")
+        return k
 
     def observed(self, start: int, stop: int, *, stats: dict[str, int] | None = None) -> torch.Tensor:
         """int32 [stop-start, teachers, observed_k]: each teacher's ranking of the user's train items, -1 padded."""
