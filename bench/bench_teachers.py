@@ -79,15 +79,15 @@ class EmbeddingTables(nn.Module):
 class Run:
     """One variant of one family: its model, optimizer and endless batch stream."""
 
-    def __init__(self, name: str, data, batch_size: int, plain: bool, fused_adam: bool = False, seed: int = 0,
+    def __init__(self, name: str, data, batch_size: int, plain: bool, fused_adam: bool = True, seed: int = 0,
                  params: dict | None = None):
         torch.manual_seed(seed)
         self.model = models.build(name, data.n_users, data.n_items, data.train, params or {})
         if plain:
             self.model.tables = EmbeddingTables(self.model.tables)
         self.model.train()
-        # as teachers/train.py; --fused-adam: torch's fused CPU kernel (one pass over each tensor)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, **({"fused": True} if fused_adam else {}))
+        # fused (one pass over each tensor) as teachers/train.py uses; --unfused-adam: torch's default
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused_adam)
         self.data, self.batch_size, self.epoch, self.seconds, self.timed = data, batch_size, 0, 0.0, 0
         self.cpu_seconds = 0.0
         self.stream = self._batches()
@@ -122,7 +122,7 @@ def batches_per_epoch(name: str, data, batch_size: int) -> int:
 
 
 def bench(name: str, data, batch_size: int, max_batches: int | None, epochs: int, chunk: int,
-          fused_adam: bool = False, params: dict | None = None) -> dict:
+          fused_adam: bool = True, params: dict | None = None) -> dict:
     """Seconds per epoch of both variants: ``epochs`` epochs timed, or ``max_batches`` per epoch, extrapolated."""
     n_epoch = batches_per_epoch(name, data, batch_size)
     total = epochs * min(max_batches or n_epoch, n_epoch)
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", action="append", default=[], metavar="MODEL=N", help="override a batch size")
     ap.add_argument("--chunk", type=int, default=5, help="batches per turn when alternating the variants")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) instead of train.py's default Adam")
+    ap.add_argument("--unfused-adam", action="store_true",
+                    help="torch's default Adam instead of the fused one that teachers/train.py uses")
     ap.add_argument("--plot", action="store_true", help="draw bench/out/teachers.png")
     args = ap.parse_args(argv)
 
@@ -180,12 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown model(s) {unknown}; registered: {sorted(models.MODELS)}")
     data = load_dataset(args.data)
     print(f"data {args.data}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train interactions; "
-          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {'fused' if args.fused_adam else 'default'}; "
+          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {'fused' if not args.unfused_adam else 'default'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     rows = []
     for name in names:
-        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, args.fused_adam,
+        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, not args.unfused_adam,
                     params.get(name))
         rows.append(row)
         print(f"  {name} {row['params']}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch "
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     OUT.mkdir(exist_ok=True)
     (OUT / "teachers.txt").write_text(f"$ bench/bench_teachers.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-                                      f"threads {args.threads}, Adam {'fused' if args.fused_adam else 'default'}\n{table}\n")
+                                      f"threads {args.threads}, Adam {'fused' if not args.unfused_adam else 'default'}\n{table}\n")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
