@@ -180,13 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown model(s) {unknown}; registered: {sorted(models.MODELS)}")
     data = load_dataset(args.data)
+    fused = not args.unfused_adam
+    adam = "fused" if fused else "default"
     print(f"data {args.data}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train interactions; "
-          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {'fused' if not args.unfused_adam else 'default'}; "
+          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {adam}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     rows = []
     for name in names:
-        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, not args.unfused_adam,
+        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, fused,
                     params.get(name))
         rows.append(row)
         print(f"  {name} {row['params']}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch "
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     OUT.mkdir(exist_ok=True)
     (OUT / "teachers.txt").write_text(f"$ bench/bench_teachers.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-                                      f"threads {args.threads}, Adam {'fused' if not args.unfused_adam else 'default'}\n{table}\n")
+                                      f"threads {args.threads}, Adam {adam}\n{table}\n")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -49,12 +49,17 @@ class Interactions:
 
     def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, item) coordinates of the given users' interactions; row indexes into ``users``."""
+        row, _, items = self._coords(users)
+        return row, items
+
+    def _coords(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, position within the row, item) of the given users' interactions."""
         users = np.asarray(users, dtype=np.int64)
         starts, ends = self.indptr[users], self.indptr[users + 1]
         lengths = ends - starts
         row = np.repeat(np.arange(len(users)), lengths)
         offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return row, self.indices[np.repeat(starts, lengths) + offsets]
+        return row, offsets, self.indices[np.repeat(starts, lengths) + offsets]
 
     def padded(self, users: np.ndarray, width: int | None = None) -> np.ndarray:
         """int64 [len(users), width]: each user's items, left-aligned and -1 padded (width: the longest row)."""
@@ -64,8 +69,8 @@ class Interactions:
         if counts.max(initial=0) > width:
             raise ValueError(f"a user has {counts.max()} items, more than width={width}")
         out = np.full((len(users), width), -1, dtype=np.int64)
-        row, items = self.rows(users)
-        out[row, np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)] = items
+        row, col, items = self._coords(users)
+        out[row, col] = items
         return out
 
     @classmethod

@@ -211,7 +211,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                 local = torch.from_numpy(users.astype(np.int64)) - start
                 p, t = observed_rank[local], targets[local]
                 u_emb = student.tables(user=local)["user"]
-                exclude = torch.cat([torch.from_numpy(data.train.padded(users)), t], 1)     # N_u \ T_u is everything else
+                seen = torch.from_numpy(data.train.padded(users))
+                exclude = torch.cat([seen, t], 1)                               # N_u \ T_u is everything else
                 rest = akt.unobserved_exp_sum(u_emb, item_weight, exclude, cfg.score_clamp, cfg.sampled_negatives, sampler)
                 s_p = akt.list_scores(u_emb, item_weight, p, cfg.score_clamp)
                 s_t = akt.list_scores(u_emb, item_weight, t, cfg.score_clamp)
