@@ -34,6 +34,7 @@ from hetcomp_dist.cli import main
 from hetcomp_dist.pipeline import RunConfig
 from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
+from hetcomp_dist.teachers.train import _latest_checkpoint
 from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning, run_with_local_ray
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -110,6 +111,28 @@ def test_sequential_cli_run(tmp_path: Path, datasets_dir: Path, capsys: pytest.C
         assert check_run(run, NAMES) == summaries
     finally:
         torch.set_num_threads(threads)
+
+
+def test_lr_decays_at_each_evaluation_without_improvement(tmp_path: Path, datasets_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr_decay multiplies the learning rate once per non-improving evaluation, and the checkpoint keeps it."""
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run = str(tmp_path / "run")
+    # lr 0.2 overshoots on ML-100K, so some evaluations do not improve.
+    teacher = tiny_teacher("bpr_mf", lr=0.2, lr_decay=0.5, eval_every=1, max_epochs=8, patience=100)
+    path = write_config(tmp_path / "c.yaml", run, [teacher])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train-teachers", "--config", str(path), "--sequential"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = storage.join(run, "teachers", "bpr_mf")
+    history = storage.read_manifest(storage.join(out, "trajectory"))["history"]
+    values = [h["metrics"]["recall@20"] for h in history]
+    misses = sum(v <= max(values[:i], default=-1.0) for i, v in enumerate(values))
+    assert len(values) == 8 and 0 < misses < 8, values
+    state = _latest_checkpoint(out)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** misses)]
 
 
 @pytest.mark.parametrize("teachers, message", [

@@ -35,6 +35,7 @@ class TeacherConfig:
     max_epochs: int = 200
     eval_every: int = 5
     patience: int = 5             # evaluations without improvement of select_metric
+    lr_decay: float = 1.0         # multiply the learning rate by this at each evaluation without improvement
     max_seconds: float = 0.0      # > 0: evaluate and stop after the epoch that reaches this much training + evaluation time
     select_metric: str = "recall@20"
     seed: int = 0
@@ -114,6 +115,8 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
                 best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 loop["bad_evals"] += 1
+                for group in optimizer.param_groups:  # saved with the optimizer, so a resumed run keeps it
+                    group["lr"] *= cfg.lr_decay
             loop["epoch"] = epoch
             loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start  # with evaluations
             _save_checkpoint(out, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
