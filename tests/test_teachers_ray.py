@@ -34,7 +34,7 @@ from hetcomp_dist.cli import main
 from hetcomp_dist.pipeline import RunConfig
 from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
-from hetcomp_dist.teachers.train import _latest_checkpoint
+from hetcomp_dist.teachers.train import TeacherConfig, _checkpoint_epochs, _latest_checkpoint
 from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning, run_with_local_ray
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -133,6 +133,28 @@ def test_lr_decays_at_each_evaluation_without_improvement(tmp_path: Path, datase
     assert len(values) == 8 and 0 < misses < 8, values
     state = _latest_checkpoint(out)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** misses)]
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed teacher retrains from epoch 1 and leaves no checkpoint of the old config; threads alone may differ."""
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run, out = str(tmp_path / "run"), storage.join(str(tmp_path / "run"), "teachers", "bpr_mf")
+    threads = torch.get_num_threads()
+    try:
+        first = tiny_teacher("bpr_mf", max_epochs=4, eval_every=1)
+        assert main(["train-teachers", "--config", str(write_config(tmp_path / "a.yaml", run, [first])), "--sequential"]) == 0
+        assert _checkpoint_epochs(out) == [4]
+        assert _latest_checkpoint(out, TeacherConfig(**{**first, "threads": 2})) is not None
+        second = {**first, "lr": 0.02, "max_epochs": 2}
+        assert _latest_checkpoint(out, TeacherConfig(**second)) is None
+        assert main(["train-teachers", "--config", str(write_config(tmp_path / "b.yaml", run, [second])), "--sequential"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    history = storage.read_manifest(storage.join(out, "trajectory"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert _checkpoint_epochs(out) == [2]
+    assert storage.read_manifest(storage.join(out, "checkpoints", "epoch-000002"))["config"]["teacher"]["lr"] == 0.02
 
 
 @pytest.mark.parametrize("teachers, message", [

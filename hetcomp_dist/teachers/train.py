@@ -9,6 +9,7 @@ Batches are drawn from an RNG seeded by (seed, epoch), so a resumed epoch sees t
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -72,11 +73,12 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     eval_users = data.eval_users()
 
-    state = _latest_checkpoint(out)
+    state = _latest_checkpoint(out, cfg)
     traj_uri = storage.join(out, "trajectory")
     traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
                      observed_k=trajectory.observed_k)
     if state is None:
+        _remove_checkpoints(out)  # another config's: never resumed, and must not outlive this run's
         loop = {"epoch": 0, "best_epoch": 0, "best": -1.0, "bad_evals": 0, "train_seconds": 0.0}
         best_model = None
         writer = TrajectoryWriter(traj_uri, **traj_args, config=asdict(cfg), overwrite=True)
@@ -119,7 +121,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
                     group["lr"] *= cfg.lr_decay
             loop["epoch"] = epoch
             loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start  # with evaluations
-            _save_checkpoint(out, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            _save_checkpoint(out, epoch, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "loop": dict(loop), "best_model": best_model})
             event.update(valid=value, best=loop["best"], best_epoch=loop["best_epoch"])
             report(event)
@@ -173,16 +175,32 @@ def _checkpoint_uri(out: str, epoch: int) -> str:
     return storage.join(out, "checkpoints", f"epoch-{epoch:06d}")
 
 
-def _save_checkpoint(out: str, epoch: int, state: dict[str, Any]) -> None:
+# Settings that change where or how fast a teacher trains, not what it computes: a checkpoint written
+# under other values of these is resumed. Any other difference means another run, trained from scratch.
+_RESOURCES = ("threads", "cpus", "gpus")
+
+
+def _run_settings(cfg: TeacherConfig) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _RESOURCES}
+
+
+def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, Any]) -> None:
     """Write the checkpoint of ``epoch`` (complete once its manifest exists), then drop older ones."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with storage.open_output(_checkpoint_uri(out, epoch), kind="teacher-checkpoint", config={"epoch": epoch}) as o:
+    with storage.open_output(_checkpoint_uri(out, epoch), kind="teacher-checkpoint",
+                             config={"epoch": epoch, "teacher": _run_settings(cfg)}) as o:
         o.write_bytes("state.pt", buffer.getvalue())
     for older in _checkpoint_epochs(out):
         if older < epoch:
             fs, path = storage.filesystem(_checkpoint_uri(out, older))
             fs.rm(path, recursive=True)
+
+
+def _remove_checkpoints(out: str) -> None:
+    fs, path = storage.filesystem(storage.join(out, "checkpoints"))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _checkpoint_epochs(out: str) -> list[int]:
@@ -193,11 +211,14 @@ def _checkpoint_epochs(out: str) -> list[int]:
     return sorted(int(n.split("-")[1]) for n in names if n.startswith("epoch-"))
 
 
-def _latest_checkpoint(out: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint (weights-only load), or None."""
+def _latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, Any] | None:
+    """The newest complete checkpoint (weights-only load), or None; with ``cfg``, only one written under it."""
     for epoch in reversed(_checkpoint_epochs(out)):
         uri = _checkpoint_uri(out, epoch)
-        if storage.is_complete(uri):
-            return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
+        if not storage.is_complete(uri):
+            continue
+        if cfg is not None and storage.read_manifest(uri)["config"].get("teacher") != _run_settings(cfg):
+            return None
+        return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
     return None
 
