@@ -104,7 +104,13 @@ def test_sequential_cli_run(tmp_path: Path, datasets_dir: Path, capsys: pytest.C
             assert f"| {name} | {name} | " in out
         assert "| teacher | model | recall@20 | ndcg@20 | recall@50 | ndcg@50 | best epoch | epochs | train s |" in out
 
-        # A rerun finds the complete trajectories and trains nothing again.
+        # A rerun finds the complete trajectories and trains nothing again, also when a trajectory was
+        # written before a TeacherConfig field existed (it takes its default) or with other threads.
+        manifest = Path(run) / "teachers" / "bpr_mf" / "trajectory" / "MANIFEST.json"
+        written = json.loads(manifest.read_text())
+        del written["config"]["lr_decay"]
+        written["config"]["threads"] = 2
+        manifest.write_text(json.dumps(written))
         assert main(["train-teachers", "--config", str(TINY), "--set", f"run={run}", "--sequential"]) == 0
         out = capsys.readouterr().out
         assert out.count("not trained again") == 3 and "] epoch" not in out

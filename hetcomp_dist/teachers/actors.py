@@ -14,19 +14,17 @@ after a partial failure trains only what is missing).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import secrets
 import sys
 import time
-from dataclasses import asdict
 from typing import Any, Callable
 
 from hetcomp_dist import models, storage
 from hetcomp_dist.config import ConfigError, to_dict
 from hetcomp_dist.pipeline import RayConfig, RunConfig, ensure_dataset
-from hetcomp_dist.teachers.train import TeacherConfig, teacher_uri, train_teacher
+from hetcomp_dist.teachers.train import TeacherConfig, same_settings, teacher_uri, train_teacher
 
 Event = dict[str, Any]
 SUMMARY = "summary"
@@ -183,7 +181,7 @@ def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] 
         return None
     m = storage.read_manifest(uri)
     summary = m.get("summary") or {}
-    same = (m.get("config") == json.loads(json.dumps(asdict(teacher)))
+    same = (same_settings(m.get("config"), teacher)
             and (m.get("k"), m.get("observed_k")) == (cfg.trajectory.k, cfg.trajectory.observed_k)
             and m.get("selection", {}).get("fractions") == [float(f) for f in cfg.trajectory.fractions]
             and all(f"recall@{k}" in summary.get("test", {}) for k in cfg.ks))

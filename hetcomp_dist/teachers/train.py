@@ -184,6 +184,21 @@ def _run_settings(cfg: TeacherConfig) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _RESOURCES}
 
 
+def same_settings(stored: Any, cfg: TeacherConfig) -> bool:
+    """Whether ``stored`` (a teacher config as written to storage) trains the same teacher as ``cfg``.
+
+    Fields added to TeacherConfig since it was written take their defaults (a new option must not
+    invalidate finished teachers); resources may differ; anything else, or an unknown field, differs.
+    """
+    if not isinstance(stored, dict):
+        return False
+    try:
+        then = TeacherConfig(**stored)
+    except TypeError:
+        return False
+    return _run_settings(then) == _run_settings(cfg)
+
+
 def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, Any]) -> None:
     """Write the checkpoint of ``epoch`` (complete once its manifest exists), then drop older ones."""
     buffer = io.BytesIO()
@@ -217,7 +232,7 @@ def _latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, 
         uri = _checkpoint_uri(out, epoch)
         if not storage.is_complete(uri):
             continue
-        if cfg is not None and storage.read_manifest(uri)["config"].get("teacher") != _run_settings(cfg):
+        if cfg is not None and not same_settings(storage.read_manifest(uri)["config"].get("teacher"), cfg):
             return None
         return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
     return None
