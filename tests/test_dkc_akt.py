@@ -173,6 +173,22 @@ def test_clamped_scores_pass_no_gradient_through_the_sum():
     assert u.grad.tolist() == [[0.0, math.exp(1), 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("clamp", [40.0, 0.5])  # 0.5: some scores are clamped (no gradient through them)
+def test_exact_sum_gradients_for_user_and_item_embeddings(clamp):
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    exclude = torch.tensor([[0, 5, -1], [10, -1, -1], [-1, -1, -1], [2, 3, 4]])
+    scores = (u @ w.T).detach()
+    assert (clamp == 40.0) or ((scores.abs() > clamp).any() and ((scores.abs() - clamp).abs() > 1e-3).all())
+    keep = torch.ones(4, 11, dtype=torch.bool)
+    keep[[0, 0, 1, 3, 3, 3], [0, 5, 10, 2, 3, 4]] = False
+    direct = ((u @ w.T).clamp(-clamp, clamp).exp() * keep).sum(1)
+    got = akt.unobserved_exp_sum(u, w, exclude, clamp, chunk=4)
+    np.testing.assert_allclose(got.detach().numpy(), direct.detach().numpy(), rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: akt.unobserved_exp_sum(a, b, exclude, clamp, chunk=4), (u, w))
+
+
 def test_sampled_sum_estimates_the_exact_sum():
     scores, observed, p, t = _case(4, b=3, n=300)
     u = torch.tensor(scores)

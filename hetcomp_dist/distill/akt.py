@@ -31,30 +31,37 @@ def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.
 class _ExcludedExpSum(torch.autograd.Function):
     """sum_i e^{clamp(<u, w_i>)} over items not in ``exclude``, in item chunks."""
 
+    # Operand layouts matter with d ~ 6-64 (1 thread, B ~ 1000 x 4096 chunks): u @ (d x C, contiguous)
+    # is 3-4x faster than u @ w.T, and (u.T @ g).T 7-10x faster than g.T @ u.
+
     @staticmethod
     def forward(ctx, user_emb, item_weight, exclude, clamp, chunk):
         hits = _excluded_by_chunk(exclude, item_weight.shape[0], chunk)
+        item_t = item_weight.T.contiguous()                                      # d x n_items
         total = user_emb.new_zeros(user_emb.shape[0])
         for c0, (rows, cols) in hits:
-            e = (user_emb @ item_weight[c0:c0 + chunk].T).clamp_(-clamp, clamp).exp_()
+            e = (user_emb @ item_t[:, c0:c0 + chunk]).clamp_(-clamp, clamp).exp_()
             e[rows, cols] = 0
             total += e.sum(1)
-        ctx.save_for_backward(user_emb, item_weight)
+        ctx.save_for_backward(user_emb, item_weight, item_t)
         ctx.hits, ctx.clamp, ctx.chunk = hits, clamp, chunk
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        user_emb, item_weight = ctx.saved_tensors
+        user_emb, item_weight, item_t = ctx.saved_tensors
         grad_user, grad_item = torch.zeros_like(user_emb), torch.zeros_like(item_weight)
         for c0, (rows, cols) in ctx.hits:
-            w = item_weight[c0:c0 + ctx.chunk]
-            s = user_emb @ w.T
-            g = s.clamp(-ctx.clamp, ctx.clamp).exp_()
+            s = user_emb @ item_t[:, c0:c0 + ctx.chunk]
+            lo, hi = torch.aminmax(s)
+            clamped = bool(lo < -ctx.clamp or hi > ctx.clamp)   # rare: skip the mask pass when none is
+            g = (s.clamp(-ctx.clamp, ctx.clamp) if clamped else s).exp_()
             g[rows, cols] = 0
-            g.mul_(grad_total[:, None]).masked_fill_(s.abs() > ctx.clamp, 0)    # clamp passes no gradient
-            grad_user.addmm_(g, w)
-            grad_item[c0:c0 + ctx.chunk] = g.T @ user_emb
+            g.mul_(grad_total[:, None])
+            if clamped:
+                g.masked_fill_(s.abs() > ctx.clamp, 0)                          # clamp passes no gradient
+            grad_user.addmm_(g, item_weight[c0:c0 + ctx.chunk])
+            grad_item[c0:c0 + ctx.chunk] = (user_emb.T @ g).T
         return grad_user, grad_item, None, None, None
 
 
