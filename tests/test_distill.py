@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from hetcomp_dist import storage
 from hetcomp_dist.data.dataset import load_dataset
@@ -101,3 +104,29 @@ def test_debiasing_switches_and_sampled_denominator_still_distil(run):
     penalised = distill(ds_uri, uris, penalised_cfg, str(root / "penalised"), ks=(10,))
     assert penalised["best_epoch"] == plain["best_epoch"]                # the same training ...
     assert penalised["test"]["popularity_lift@10"] < plain["test"]["popularity_lift@10"]   # ... re-ranked
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_rerun_resumes_from_the_checkpoint_with_its_time(run, tmp_path):
+    """A run that dies after the epoch-10 checkpoint is resumed by a rerun: same result, time carried over."""
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20})
+
+    def crash_after_10(event):
+        if event.get("epoch") == 10 and "valid" in event:
+            raise _Crash
+
+    out = str(tmp_path / "resumed")
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, out, ks=(10, 20), report=crash_after_10)
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoint"), "state.pt")), weights_only=True)
+    assert ckpt["epoch"] == 10 and ckpt["train_seconds"] > 0
+    resumed = distill(ds_uri, uris, cfg, out, ks=(10, 20))
+    straight = distill(ds_uri, uris, cfg, str(tmp_path / "straight"), ks=(10, 20))
+    assert resumed["resumed_from"] == [10] and straight["resumed_from"] == []
+    assert resumed["train_seconds"] >= ckpt["train_seconds"]
+    assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
+    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.02)

@@ -159,7 +159,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         observed_rank = _observed_ranking(reader.observed(start, stop), n_items, cfg.observed_size, importance)
         last = torch.zeros(stage.shape)
     history, progress = [], []
-    best, best_epoch, bad, best_state, first_epoch, resumes = -1.0, 0, 0, None, 1, []
+    best, best_epoch, bad, best_state, first_epoch, resumes, spent = -1.0, 0, 0, None, 1, [], 0.0
     checkpoint_uri = storage.join(out, "checkpoint")
     if cfg.checkpoint and storage.is_complete(checkpoint_uri) and _same_run(checkpoint_uri, cfg):
         ckpt = torch.load(io.BytesIO(storage.read_bytes(checkpoint_uri, "state.pt")), weights_only=True)
@@ -170,6 +170,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         history, progress = ckpt["history"], ckpt["progress"]
         best, best_epoch, bad = ckpt["best"], ckpt["best_epoch"], ckpt["bad"]
         resumes = ckpt["resumes"] + [ckpt["epoch"]]
+        spent = ckpt.get("train_seconds", 0.0)   # time budget and reported time span every attempt
         first_epoch = ckpt["epoch"] + 1 if bad < cfg.patience else cfg.max_epochs + 1
         report({"event": "resumed", "epoch": ckpt["epoch"]})
     pop = dissensus.popularity_percentile(data.train.item_counts())
@@ -184,7 +185,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     if cfg.batch_unit == "users" and cfg.method != "bpr":
         units = np.flatnonzero(data.train.counts() > 0)
     index = sampling.PairIndex(data.train)
-    start_time = time.perf_counter()
+    start_time = time.perf_counter() - spent
 
     for epoch in range(first_epoch, cfg.max_epochs + 1):
         student.train()
@@ -269,7 +270,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                     "epoch": epoch, "student": _gather_rows(student.state_dict()), "best_state": _gather_rows(best_state),
                     "optimizer": _gather_optimizer(optimizer.state_dict()), "stage": distributed.gather_cat(stage),
                     "last": distributed.gather_cat(last), "history": history, "progress": progress,
-                    "best": best, "best_epoch": best_epoch, "bad": bad, "resumes": resumes})
+                    "best": best, "best_epoch": best_epoch, "bad": bad, "resumes": resumes,
+                    "train_seconds": time.perf_counter() - start_time})
             event.update(valid=value, best=best, stages=stage_info)
             report(event)
             if bad >= cfg.patience or (cfg.max_seconds and time.perf_counter() - start_time > cfg.max_seconds):
