@@ -143,7 +143,7 @@ def test_lr_decays_at_each_evaluation_without_improvement(tmp_path: Path, datase
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A changed teacher retrains from epoch 1 and leaves no checkpoint of the old config; threads alone may differ."""
+    """A changed teacher retrains from epoch 1 and leaves no checkpoint of the old config; threads and stopping rules may differ."""
     monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
     run, out = str(tmp_path / "run"), storage.join(str(tmp_path / "run"), "teachers", "bpr_mf")
     threads = torch.get_num_threads()
@@ -152,6 +152,7 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_di
         assert main(["train-teachers", "--config", str(write_config(tmp_path / "a.yaml", run, [first])), "--sequential"]) == 0
         assert _checkpoint_epochs(out) == [4]
         assert _latest_checkpoint(out, TeacherConfig(**{**first, "threads": 2})) is not None
+        assert _latest_checkpoint(out, TeacherConfig(**{**first, "max_epochs": 9, "patience": 1})) is not None
         second = {**first, "lr": 0.02, "max_epochs": 2}
         assert _latest_checkpoint(out, TeacherConfig(**second)) is None
         assert main(["train-teachers", "--config", str(write_config(tmp_path / "b.yaml", run, [second])), "--sequential"]) == 0

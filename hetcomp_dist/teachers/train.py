@@ -175,20 +175,23 @@ def _checkpoint_uri(out: str, epoch: int) -> str:
     return storage.join(out, "checkpoints", f"epoch-{epoch:06d}")
 
 
-# Settings that change where or how fast a teacher trains, not what it computes: a checkpoint written
-# under other values of these is resumed. Any other difference means another run, trained from scratch.
+# Settings that change where or how fast a teacher trains, not what it computes: they may differ
+# between a finished teacher and the config asking for it. A checkpoint may also be resumed under other
+# stopping rules (train a run further, or stop it where it is): the epochs before the stop are the same.
 _RESOURCES = ("threads", "cpus", "gpus")
+_STOPPING = ("max_epochs", "max_seconds", "patience")
 
 
-def _run_settings(cfg: TeacherConfig) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _RESOURCES}
+def _run_settings(cfg: TeacherConfig, ignore: tuple[str, ...] = _RESOURCES) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in ignore}
 
 
-def same_settings(stored: Any, cfg: TeacherConfig) -> bool:
+def same_settings(stored: Any, cfg: TeacherConfig, resuming: bool = False) -> bool:
     """Whether ``stored`` (a teacher config as written to storage) trains the same teacher as ``cfg``.
 
     Fields added to TeacherConfig since it was written take their defaults (a new option must not
-    invalidate finished teachers); resources may differ; anything else, or an unknown field, differs.
+    invalidate finished teachers); resources may differ, and with ``resuming`` the stopping rules;
+    anything else, or an unknown field, differs.
     """
     if not isinstance(stored, dict):
         return False
@@ -196,7 +199,8 @@ def same_settings(stored: Any, cfg: TeacherConfig) -> bool:
         then = TeacherConfig(**stored)
     except TypeError:
         return False
-    return _run_settings(then) == _run_settings(cfg)
+    ignore = _RESOURCES + (_STOPPING if resuming else ())
+    return _run_settings(then, ignore) == _run_settings(cfg, ignore)
 
 
 def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, Any]) -> None:
@@ -232,7 +236,7 @@ def _latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, 
         uri = _checkpoint_uri(out, epoch)
         if not storage.is_complete(uri):
             continue
-        if cfg is not None and not same_settings(storage.read_manifest(uri)["config"].get("teacher"), cfg):
+        if cfg is not None and not same_settings(storage.read_manifest(uri)["config"].get("teacher"), cfg, resuming=True):
             return None
         return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
     return None
