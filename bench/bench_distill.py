@@ -35,7 +35,7 @@ What is measured, each in its own subprocess (so ``ru_maxrss`` is that run's own
 - ``steps`` (every size, same subprocess as setup): the L_O step of the loop (epoch 1 of ``hetcomp``)
   called piece by piece as ``distill()`` calls it: batches drawn as the loop draws them
   (``default_rng([seed, epoch]).permutation`` over train interactions, or over users with train items
-  for ``batch_unit=users``), ``np.unique`` users, ``_padded_rows`` + T_u as the exclusion,
+  for ``batch_unit=users``), ``np.unique`` users, ``Interactions.padded`` + T_u as the exclusion,
   ``akt.unobserved_exp_sum`` (exact, or ``sampled_negatives`` = 1000 / 4000), ``akt.list_scores``,
   ``akt.overall_loss``, ``zero_grad`` / ``backward`` / ``optimizer.step`` / ``loss.item()``, on a
   ``Student`` with fused Adam. Each variant times ``--batches`` batches after ``--warmup`` untimed ones;
@@ -246,7 +246,7 @@ def run_steps(spec: dict, args: argparse.Namespace) -> dict:
     from hetcomp_dist.data.dataset import load_dataset
     from hetcomp_dist.distill import akt, dissensus
     from hetcomp_dist.distill.ensemble import rank_importance
-    from hetcomp_dist.distill.train import DistillConfig, Student, _observed_ranking, _padded_rows, _TargetBuilder
+    from hetcomp_dist.distill.train import DistillConfig, Student, _observed_ranking, _TargetBuilder
     from hetcomp_dist.models import sampling
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
@@ -324,7 +324,7 @@ def run_steps(spec: dict, args: argparse.Namespace) -> dict:
             users = np.unique(batch_users)
             local = torch.from_numpy(users.astype(np.int64))
             p, t = observed_rank[local], targets[local]
-            exclude = torch.cat([_padded_rows(data.train, users), t], 1)
+            exclude = torch.cat([torch.from_numpy(data.train.padded(users)), t], 1)
             t1 = time.perf_counter()
             u_emb = self.student.tables(user=local)["user"]
             rest = akt.unobserved_exp_sum(u_emb, self.item_weight, exclude, cfg.score_clamp, self.sampled, self.sampler)
