@@ -72,6 +72,13 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str) -> None:
+    """Delete the file or folder at ``uri`` and everything under it; nothing there is not an error."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def is_complete(uri: str) -> bool:
     """True when the output at ``uri`` has its manifest (it finished writing)."""
     return exists(join(uri, MANIFEST))

@@ -468,3 +468,19 @@ def test_killed_writer_leaves_no_manifest(storage_root, tmp_path):
         out.write_table("big.parquet", _table(5))
     assert storage.read_manifest(uri)["config"] == {"slow": False}
     assert storage.read_table(uri, "big.parquet").num_rows == 5
+
+
+def test_remove_deletes_a_folder_and_everything_under_it(storage_root: str) -> None:
+    def put(uri: str) -> None:
+        fs, path = storage.filesystem(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # local disk needs the folders; S3 has none
+        fs.pipe_file(path, b"x")
+
+    uri, keep = storage.join(storage_root, "gone"), storage.join(storage_root, "kept")
+    for name in ("a/b.bin", "c.bin"):
+        put(storage.join(uri, name))
+    put(storage.join(keep, "d.bin"))
+    storage.remove(uri)
+    assert not storage.exists(uri) and not _part_exists(uri, "a/b.bin")
+    assert _part_exists(keep, "d.bin")
+    storage.remove(uri)  # nothing there: not an error

@@ -297,9 +297,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     full = _gather_rows(student.state_dict())
     if rank == 0:
         _write_outputs(out, cfg, full, metrics)
-        if cfg.checkpoint and storage.exists(checkpoint_uri):
-            fs, path = storage.filesystem(checkpoint_uri)
-            fs.rm(path, recursive=True)
+        if cfg.checkpoint:
+            storage.remove(checkpoint_uri)
     if world > 1:
         dist.barrier()
     return metrics

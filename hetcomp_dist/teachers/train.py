@@ -78,7 +78,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
                      observed_k=trajectory.observed_k)
     if state is None:
-        _remove_checkpoints(out)  # another config's: never resumed, and must not outlive this run's
+        storage.remove(storage.join(out, "checkpoints"))  # another config's: never resumed, nor kept
         loop = {"epoch": 0, "best_epoch": 0, "best": -1.0, "bad_evals": 0, "train_seconds": 0.0}
         best_model = None
         writer = TrajectoryWriter(traj_uri, **traj_args, config=asdict(cfg), overwrite=True)
@@ -212,14 +212,7 @@ def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, 
         o.write_bytes("state.pt", buffer.getvalue())
     for older in _checkpoint_epochs(out):
         if older < epoch:
-            fs, path = storage.filesystem(_checkpoint_uri(out, older))
-            fs.rm(path, recursive=True)
-
-
-def _remove_checkpoints(out: str) -> None:
-    fs, path = storage.filesystem(storage.join(out, "checkpoints"))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+            storage.remove(_checkpoint_uri(out, older))
 
 
 def _checkpoint_epochs(out: str) -> list[int]:
