@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/report.py --config configs/citeulike.yaml [--set k=v ...]
         [--out bench/out/citeulike] [--sweep-lambda 0.25,0.5,1] [--sweep-gamma 0.5,1,2]
-        [--sweep-ipw 0.25,0.5,1] [--sweep-penalty 0.1,0.25,0.5,1] [--quick] [--readme]
+        [--sweep-contested 1,2] [--sweep-target-pop 0.25] [--sweep-ipw 0.25,0.5,1]
+        [--sweep-penalty 0.1,0.25,0.5,1] [--quick] [--readme]
 
 Steps (each reuses what storage already holds, so a rerun only fills gaps):
 1. teachers: reused when every ``<run>/teachers/<name>/trajectory`` is complete, else
@@ -37,16 +38,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 POP_K = 50
 ACCURACY, LIFT = f"recall@{POP_K}", f"popularity_lift@{POP_K}"
 SELECT_TEACHER = f"recall@{POP_K}"          # on valid: picks rrd's teacher
 # smoke run: few epochs, and KD batches of users (a few steps an epoch instead of one per 1024 interactions)
 QUICK_SETS = ("distill.max_epochs=6", "distill.eval_every=2", "distill.patience=2", "distill.batch_unit=users",
               "distill.batch_size=256")
-# debiasing family -> (DistillConfig field, symbol); hetcomp with the field at 0 starts each curve
-FAMILIES = {"A": ("dissensus_target", "λ"), "B": ("dissensus_weight", "γ"),
-            "IPW": ("ipw", "η"), "penalty": ("pop_penalty", "β")}
+# debiasing family -> (DistillConfig field, symbol, other --set overrides, label); hetcomp with the field
+# at 0 starts each curve. C and P are strategy A under dissensus_rule contested / popularity.
+FAMILIES = {"A": ("dissensus_target", "λ", (), "A"),
+            "C": ("dissensus_target", "η", ("distill.dissensus_rule=contested",), "A-contested"),
+            "P": ("dissensus_target", "η", ("distill.dissensus_rule=popularity",), "A-popularity"),
+            "B": ("dissensus_weight", "γ", (), "B"),
+            "IPW": ("ipw", "η", (), "IPW"), "penalty": ("pop_penalty", "β", (), "penalty")}
 COLUMNS = [("R@10", "recall@10"), ("N@10", "ndcg@10"), ("R@20", "recall@20"), ("N@20", "ndcg@20"),
            ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("popularity lift@50", LIFT),
            ("coverage@50", f"coverage@{POP_K}")]
@@ -86,11 +90,11 @@ def variants(best_teacher: str, sweeps: dict[str, list[float]]) -> list[Variant]
            Variant("rrd", f"rrd ({best_teacher})", "ensemble", (f"distill.teachers=[{best_teacher}]",)),
            Variant("mtd", "mtd (final ensemble)", "ensemble"),
            Variant("hetcomp", "HetComp", "hetcomp")]
-    for family in ("penalty", "A", "B", "IPW"):   # the post-hoc baseline first: it needs only hetcomp
-        name, symbol = FAMILIES[family]
+    for family in ("penalty", "A", "C", "P", "B", "IPW"):   # the post-hoc baseline first: it needs only hetcomp
+        name, symbol, sets, label = FAMILIES[family]
         for value in sweeps.get(family, []):
-            out.append(Variant(f"hetcomp_{family}{value:g}", f"HetComp+{family}({symbol}={value:g})", "hetcomp",
-                               (f"distill.{name}={value!r}",), family, float(value), post_hoc=family == "penalty"))
+            out.append(Variant(f"hetcomp_{family}{value:g}", f"HetComp+{label}({symbol}={value:g})", "hetcomp",
+                               (f"distill.{name}={value!r}", *sets), family, float(value), post_hoc=family == "penalty"))
     return out
 
 
@@ -165,22 +169,30 @@ def render_curves(curves: dict[str, list[tuple[float, float, float]]]) -> str:
     """Markdown: per debiasing family, each parameter's popularity lift@50 and recall@50."""
     lines = ["| debiasing | parameter: popularity lift@50 / recall@50 |", "|---|---|"]
     for family, points in curves.items():
-        symbol = FAMILIES[family][1]
-        lines.append(f"| {family} | " + ", ".join(f"{symbol}={p:g}: {x:+.1f}% / {y:.4f}" for p, x, y in points) + " |")
+        symbol, label = FAMILIES[family][1], FAMILIES[family][3]
+        lines.append(f"| {label} | " + ", ".join(f"{symbol}={p:g}: {x:+.1f}% / {y:.4f}" for p, x, y in points) + " |")
     return "\n".join(lines)
 
 
-def splice_readme(text: str, block: str) -> str:
-    """README text with ``block`` between the results markers; adds a final "## Results" section
-    holding them if absent. Everything outside the markers is kept byte for byte."""
-    has_start, has_end = README_START in text, README_END in text
-    if has_start != has_end or (has_start and text.index(README_START) > text.index(README_END)):
-        raise ValueError(f"README: {README_START} and {README_END} must both appear, in that order")
+def readme_markers(name: str) -> tuple[str, str]:
+    """The README comments that delimit config ``name``'s results (one block per dataset)."""
+    return f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+
+
+def splice_readme(text: str, block: str, name: str) -> str:
+    """README text with ``block`` between config ``name``'s results markers; adds a "### name"
+    subsection holding them at the end (under a new "## Results" if absent) when they are missing.
+    Everything outside the markers is kept byte for byte."""
+    start, end = readme_markers(name)
+    has_start, has_end = start in text, end in text
+    if has_start != has_end or (has_start and text.index(start) > text.index(end)):
+        raise ValueError(f"README: {start} and {end} must both appear, in that order")
     if not has_start:
-        return text.rstrip("\n") + f"\n\n## Results\n\n{README_START}\n{block.strip()}\n{README_END}\n"
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}"
+        head = text.rstrip("\n") + ("" if "\n## Results\n" in text else "\n\n## Results")
+        return f"{head}\n\n### {name}\n\n{start}\n{block.strip()}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block.strip()}\n{end}{tail}"
 
 
 def results_block(dataset: str, command: str, table: str, gains: str, notes: list[str]) -> str:
@@ -204,9 +216,9 @@ def plot_tradeoff(curves: dict[str, list[tuple[float, float, float]]], anchors: 
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for family, points in curves.items():
-        symbol = FAMILIES[family][1]
+        symbol, label = FAMILIES[family][1], FAMILIES[family][3]
         _, xs, ys = zip(*points)
-        ax.plot(xs, ys, "o-", label=f"HetComp+{family} ({symbol})")
+        ax.plot(xs, ys, "o-", label=f"HetComp+{label} ({symbol})")
         for p, x, y in points[1:]:
             ax.annotate(f"{p:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     for r in anchors:
@@ -306,7 +318,8 @@ def run_student(args, v: Variant, root: str) -> tuple[dict[str, Any], str]:
                  *(args.bpr_set if v.method == "bpr" else ()), *(QUICK_SETS if args.quick else ())]
     cfg = config.load(RunConfig, args.config, overrides)
     if storage.is_complete(out):
-        drift = config_drift(storage.read_manifest(out).get("config", {}), dataclasses.asdict(cfg.distill))
+        stored = {**dataclasses.asdict(type(cfg.distill)()), **storage.read_manifest(out).get("config", {})}
+        drift = config_drift(stored, dataclasses.asdict(cfg.distill))   # fields added since: their defaults
         if not drift or not args.redo_stale:
             note = f"reused {out}" + (f" (differs from the asked config in {', '.join(drift)}; "
                                       "--redo-stale retrains)" if drift else "")
@@ -367,7 +380,8 @@ def collect(args, cfg, progress=lambda rows, notes: None) -> tuple[list[Row], li
     if args.quick:
         notes.append("--quick: " + ", ".join(QUICK_SETS) + " (a smoke run, not results)")
 
-    sweeps = {"A": parse_sweep(args.sweep_lambda), "B": parse_sweep(args.sweep_gamma),
+    sweeps = {"A": parse_sweep(args.sweep_lambda), "C": parse_sweep(args.sweep_contested),
+              "P": parse_sweep(args.sweep_target_pop), "B": parse_sweep(args.sweep_gamma),
               "IPW": parse_sweep(args.sweep_ipw), "penalty": parse_sweep(args.sweep_penalty)}
     root = storage.join(cfg.run, "distill_quick" if args.quick else "distill")
     hetcomp = None
@@ -413,7 +427,7 @@ def write(rows: list[Row], notes: list[str], dataset: str, command: str, title: 
                   out_dir / "tradeoff.png")
     plot_accuracy(rows, out_dir / "accuracy.png")
     if readme is not None:
-        readme.write_text(splice_readme(readme.read_text(), block))
+        readme.write_text(splice_readme(readme.read_text(), block, Path(title).stem))
     return text
 
 
@@ -425,6 +439,8 @@ def main() -> None:
                     help="override for the bpr student only, e.g. its own distill.batch_size (repeatable)")
     ap.add_argument("--out", help="output folder (default: bench/out/<config name>[-quick])")
     ap.add_argument("--sweep-lambda", default="0.25,0.5,1", help="strategy A values ('' for none)")
+    ap.add_argument("--sweep-contested", default="1,2", help="strategy A, rule contested: eta values")
+    ap.add_argument("--sweep-target-pop", default="0.25", help="strategy A, rule popularity (no dissensus): eta values")
     ap.add_argument("--sweep-gamma", default="0.5,1,2", help="strategy B values")
     ap.add_argument("--sweep-ipw", default="0.25,0.5,1", help="IPW eta values")
     ap.add_argument("--sweep-penalty", default="0.1,0.25,0.5,1", help="post-hoc penalty beta values")

@@ -38,10 +38,10 @@ def rows() -> list[Row]:
 
 
 def test_variants_are_valid_overrides_of_a_real_config():
-    vs = report.variants("I-AE", {"A": [0.25, 1.0], "IPW": [0.5], "penalty": [0.1]})
+    vs = report.variants("I-AE", {"A": [0.25, 1.0], "C": [2.0], "P": [0.25], "IPW": [0.5], "penalty": [0.1]})
     assert [v.key for v in vs] == ["bpr", "rrd", "mtd", "hetcomp", "hetcomp_penalty0.1", "hetcomp_A0.25",
-                                   "hetcomp_A1", "hetcomp_IPW0.5"]
-    assert [v.post_hoc for v in vs] == [False] * 4 + [True] + [False] * 3
+                                   "hetcomp_A1", "hetcomp_C2", "hetcomp_P0.25", "hetcomp_IPW0.5"]
+    assert [v.post_hoc for v in vs] == [False] * 4 + [True] + [False] * 5
     loaded = {v.key: config.load(RunConfig, REPO / "configs" / "citeulike.yaml",
                                  [f"distill.method={v.method}", *v.sets]).distill for v in vs}
     assert loaded["rrd"].teachers == ["I-AE"] and loaded["rrd"].method == "ensemble"
@@ -49,6 +49,9 @@ def test_variants_are_valid_overrides_of_a_real_config():
     assert loaded["hetcomp_A0.25"].dissensus_target == 0.25 and loaded["hetcomp_A1"].dissensus_target == 1.0
     assert loaded["hetcomp_IPW0.5"].ipw == 0.5 and loaded["hetcomp_IPW0.5"].dissensus_target == 0.0
     assert loaded["bpr"].method == "bpr"
+    assert loaded["hetcomp_A1"].dissensus_rule == "consensus"
+    assert (loaded["hetcomp_C2"].dissensus_rule, loaded["hetcomp_C2"].dissensus_target) == ("contested", 2.0)
+    assert (loaded["hetcomp_P0.25"].dissensus_rule, loaded["hetcomp_P0.25"].dissensus_target) == ("popularity", 0.25)
 
 
 def test_table_has_a_row_per_method_and_dashes_for_missing_cutoffs():
@@ -80,24 +83,35 @@ def test_tradeoff_curves_start_at_hetcomp_and_follow_the_parameter():
     assert report.tradeoff_curves(no_hetcomp)["A"][0] == (0.25, 50.0, 0.29)
 
 
+START, END = report.readme_markers("citeulike")
+
+
 def test_readme_splice_adds_a_section_then_replaces_only_between_markers():
     original = "# project\n\ntext\n\n## Benchmarks\n\nmore text\n"
-    once = report.splice_readme(original, "table one")
+    once = report.splice_readme(original, "table one", "citeulike")
     assert once.startswith(original.rstrip("\n"))
-    assert once.endswith(f"## Results\n\n{report.README_START}\ntable one\n{report.README_END}\n")
-    twice = report.splice_readme(once, "table two\n")
+    assert once.endswith(f"## Results\n\n### citeulike\n\n{START}\ntable one\n{END}\n")
+    twice = report.splice_readme(once, "table two\n", "citeulike")
     assert twice == once.replace("table one", "table two")
-    assert report.splice_readme(twice, "table two") == twice
+    assert report.splice_readme(twice, "table two", "citeulike") == twice
     edited = twice.replace("## Results\n", "## Results\n\nintro kept\n") + "\n## After\n"
-    spliced = report.splice_readme(edited, "table three")
-    assert "intro kept" in spliced and spliced.endswith(f"{report.README_END}\n\n## After\n")
+    spliced = report.splice_readme(edited, "table three", "citeulike")
+    assert "intro kept" in spliced and spliced.endswith(f"{END}\n\n## After\n")
     assert "table two" not in spliced
 
 
-@pytest.mark.parametrize("text", [f"a\n{report.README_START}\nb\n", f"a\n{report.README_END}\nb\n{report.README_START}\n"])
+def test_readme_splice_keeps_one_block_per_dataset():
+    both = report.splice_readme(report.splice_readme("# p\n", "cite one", "citeulike"), "gow one", "gowalla")
+    assert both.count("## Results") == 1 and "### citeulike" in both and "### gowalla" in both
+    again = report.splice_readme(both, "cite two", "citeulike")
+    assert "cite two" in again and "cite one" not in again and "gow one" in again
+    assert again.index("### citeulike") < again.index("### gowalla")
+
+
+@pytest.mark.parametrize("text", [f"a\n{START}\nb\n", f"a\n{END}\nb\n{START}\n"])
 def test_readme_splice_refuses_broken_markers(text):
     with pytest.raises(ValueError):
-        report.splice_readme(text, "x")
+        report.splice_readme(text, "x", "citeulike")
 
 
 def test_config_drift_ignores_layout_and_names_changed_settings():

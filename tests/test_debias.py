@@ -72,3 +72,35 @@ def test_ipw_weights_and_posthoc_penalty():
     std = torch.tensor([3.0, 2.9, 1.0, 0.0]).std().item()
     assert s[0].tolist() == pytest.approx([3.0 - 0.5 * std, 2.9, 1.0 - 0.25 * std, -0.1 * std], rel=1e-6)
     assert s[0].argmax().item() == 1                     # the popular item lost its first place
+
+
+def test_strategy_a_contested_and_popularity_rules():
+    lists = _lists()
+    counts = dissensus.agreement_counts(lists, 10)
+    item_counts = torch.tensor([50.0, 20.0, 9.0, 30.0, 4.0, 0.0, 3.0, 2.0, 8.0, 60.0])
+    eta = 0.7
+    contested = dissensus.contested_discount(lists, counts, item_counts, eta)
+    popular = dissensus.popularity_discount(lists, item_counts, eta)
+    for u in range(2):
+        for t in range(3):
+            for k in range(4):
+                i = int(lists[u, t, k])
+                if i < 0:
+                    assert contested[u, t, k].item() == 1 and popular[u, t, k].item() == 1
+                    continue
+                agree = sum(i in lists[u, s].tolist() for s in range(3)) / 3
+                c = max(float(item_counts[i]), 1.0)
+                assert contested[u, t, k].item() == pytest.approx(c ** (-eta * (1 - agree)), rel=1e-5)
+                assert popular[u, t, k].item() == pytest.approx(c ** -eta, rel=1e-5)
+    # consensus is left alone by "contested": item 0 (all three teachers) keeps its full importance
+    assert contested[0, :, 0].tolist() == [1.0, 1.0, 1.0] and popular[0, 0, 0].item() < 0.1
+    # user 1: item 9 is popular and pushed by one teacher only, so "contested" drops it from the top 4
+    imp = rank_importance(4)
+    assert 9 in ensemble_topk(lists, 10, 4, imp)[1].tolist()
+    assert 9 not in ensemble_topk(lists, 10, 4, imp, contested)[1].tolist()
+    pop = torch.linspace(1.0, 0.1, 10)
+    for rule, want in (("consensus", dissensus.target_discount(lists, counts, pop, eta)), ("contested", contested),
+                       ("popularity", popular)):
+        assert torch.equal(dissensus.discount(rule, lists, counts, pop, item_counts, eta), want)
+    with pytest.raises(ValueError, match="rule"):
+        dissensus.discount("nope", lists, counts, pop, item_counts, eta)

@@ -6,6 +6,11 @@ their list, dissensus = 1 - agree, pop(i) in [0, 1] = the item's popularity perc
 - Strategy A (dissensus-aware target): each teacher's rank importance of i is multiplied by
   max(0, 1 - lam * agree(u, i) * pop(i)) when T_u is built: consensus on popular items is
   discounted, so the target makes room for items only some teachers rank high.
+  Two other rules for A (``distill.dissensus_rule``), found by measuring the target itself
+  (README, "Debiasing"): ``contested`` multiplies it by count(i)^(-lam * (1 - agree(u, i))), so
+  popularity is discounted where the teachers disagree (a popular item only some teachers push is
+  their bias; their consensus is evidence of relevance); ``popularity`` by count(i)^-lam, the same
+  discount without dissensus (the control that shows what dissensus adds).
 - Strategy B (dissensus-weighted transfer): target item i's loss term is weighted by
   1 + gamma * dissensus(u, i) * (1 - pop(i)), normalised to mean 1 over each user's list.
 """
@@ -36,6 +41,32 @@ def target_discount(lists: torch.Tensor, counts: torch.Tensor, pop: torch.Tensor
     idx = torch.where(lists >= 0, lists, 0)
     agree = torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
     return torch.where(lists >= 0, (1 - lam * agree * pop[idx]).clamp_min(0), 1.0)
+
+
+def contested_discount(lists: torch.Tensor, counts: torch.Tensor, item_counts: torch.Tensor,
+                       eta: float) -> torch.Tensor:
+    """Strategy A, rule ``contested``: float [B, T, K] multipliers count(i)^(-eta * (1 - agree(u, i)))."""
+    idx = torch.where(lists >= 0, lists, 0)
+    agree = torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
+    return torch.where(lists >= 0, item_counts.clamp_min(1)[idx] ** (-eta * (1 - agree)), 1.0)
+
+
+def popularity_discount(lists: torch.Tensor, item_counts: torch.Tensor, eta: float) -> torch.Tensor:
+    """Strategy A's control without dissensus, rule ``popularity``: multipliers count(i)^-eta."""
+    idx = torch.where(lists >= 0, lists, 0)
+    return torch.where(lists >= 0, item_counts.clamp_min(1)[idx] ** -eta, 1.0)
+
+
+def discount(rule: str, lists: torch.Tensor, counts: torch.Tensor, pop: torch.Tensor,
+             item_counts: torch.Tensor, strength: float) -> torch.Tensor:
+    """Strategy A's multipliers of the list entries' rank importance under ``rule``."""
+    if rule == "consensus":
+        return target_discount(lists, counts, pop, strength)
+    if rule == "contested":
+        return contested_discount(lists, counts, item_counts, strength)
+    if rule == "popularity":
+        return popularity_discount(lists, item_counts, strength)
+    raise ValueError(f"unknown dissensus rule {rule!r}")
 
 
 def transfer_weights(targets: torch.Tensor, counts: torch.Tensor, n_teachers: int, pop: torch.Tensor,

@@ -78,6 +78,7 @@ class DistillConfig:
     score_clamp: float = 40.0
     # Debiasing (ALGORITHM.md §7); 0 switches each off, and they combine.
     dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
+    dissensus_rule: Literal["consensus", "contested", "popularity"] = "consensus"  # strategy A's discount (dissensus.py)
     dissensus_weight: float = 0.0    # strategy B, gamma: up-weight target items few teachers agree on (and niche)
     ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by pop(i)^-eta (mean 1 per user)
     pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
@@ -382,7 +383,8 @@ class _TargetBuilder:
             counts = dissensus.agreement_counts(current, self.n_items) if cfg.dissensus_target or cfg.dissensus_weight else None
             discount = None
             if cfg.dissensus_target:
-                discount = dissensus.target_discount(current, counts, self.pop, cfg.dissensus_target)
+                discount = dissensus.discount(cfg.dissensus_rule, current, counts, self.pop, self.item_counts,
+                                              cfg.dissensus_target)
             t = ensemble_topk(current, self.n_items, cfg.target_size, self.importance, discount)
             targets[lo:lo + self.batch] = t
             if cfg.dissensus_weight:
