@@ -157,7 +157,7 @@ def render(ens: dict, stu: dict) -> str:
     lines = [f"| measure | ensemble ({ens['models']} teachers) | student | ensemble / student |", "|---|---:|---:|---:|"]
     for label, key, fmt in ROWS:
         a, b = ens[key], stu[key]
-        ratio = f"{a / b:.1f}x" if b else "–"
+        ratio = "–" if not b else f"{a / b:.1f}x" if a >= b else f"{a / b:.3g}x"   # throughput rows are < 1
         lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
     return "\n".join(lines)
 

@@ -1,0 +1,116 @@
+"""Strategy A's rules measured on the target itself, without training a student.
+
+    .venv/bin/python bench/bench_targets.py --config configs/gowalla.yaml [--users 6000]
+        [--rules consensus:0.5,0.8,1 contested:0.5,1,2 popularity:0.15,0.25,0.35] [--plot FILE.png]
+
+A student distilled with L_R follows its target list, so a rule that cannot lower the popularity
+lift of the target cheaply will not lower the student's. For each rule and strength this ranks
+the teachers' final snapshots, merged by rank importance exp(-r / distill.temperature) with the
+rule's discount (:func:`hetcomp_dist.distill.dissensus.discount`, the code the distillation uses),
+and evaluates that ranking on test like any model: recall/NDCG@50, popularity lift@50,
+coverage@50. Users: the evaluated users among the first --users user ids (the lists of all
+teachers for them are held in memory: users x teachers x K ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_rules(items: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for item in items:
+        rule, _, values = item.partition(":")
+        out += [(rule, float(v)) for v in values.split(",") if v.strip()]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--users", type=int, default=6000, help="evaluate the evaluated users among the first N ids")
+    ap.add_argument("--rules", nargs="+", default=["consensus:0.5,0.8,1", "contested:0.5,1,2",
+                                                   "popularity:0.15,0.25,0.35"], metavar="RULE:V1,V2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plot", metavar="FILE.png")
+    args = ap.parse_args()
+
+    import torch
+
+    from hetcomp_dist import config
+    from hetcomp_dist.data.dataset import load_dataset
+    from hetcomp_dist.distill import dissensus
+    from hetcomp_dist.distill.ensemble import ensemble_scores, rank_importance
+    from hetcomp_dist.distill.ensemble_eval import teacher_names, trajectory_uris
+    from hetcomp_dist.evaluate import evaluate_sums
+    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+    torch.set_num_threads(args.threads)
+    cfg = config.load(RunConfig, args.config, args.set)
+    data = load_dataset(cfg.dataset_uri)
+    reader = TrajectoryReader(trajectory_uris(cfg, teacher_names(cfg)))
+    users = data.eval_users()
+    users = users[users < args.users]
+    k = min(reader.ks)
+    lists = reader.final(0, int(users[-1]) + 1, k=k)                         # [U, T, K], row = user id
+    counts = dissensus.agreement_counts(lists, data.n_items)
+    pop = dissensus.popularity_percentile(data.train.item_counts())
+    item_counts = torch.from_numpy(data.train.item_counts()).float()
+    importance = rank_importance(k, cfg.distill.temperature)
+
+    rows = []
+    for rule, strength in [("none", 0.0), *parse_rules(args.rules)]:
+        t0 = time.perf_counter()
+        weights = None if rule == "none" else dissensus.discount(rule, lists, counts, pop, item_counts, strength)
+
+        def scorer(u, weights=weights):
+            s = ensemble_scores(lists[u], data.n_items, importance, None if weights is None else weights[u])
+            return s.masked_fill_(s <= 0, float("-inf"))      # items in no list: no rank
+
+        m = evaluate_sums(scorer, data.train, data.split("test"), exclude=[data.held_out_besides("test")],
+                          ks=(50,), batch_size=512, users=users).metrics()
+        rows.append((rule, strength, m, time.perf_counter() - t0))
+        print(f"{rule:>10} {strength:<5g} R@50 {m['recall@50']:.4f} N@50 {m['ndcg@50']:.4f} "
+              f"lift {m['popularity_lift@50']:+.1f}% cov {m['coverage@50']:.3f}", flush=True)
+
+    base = rows[0][2]
+    print(f"\n{Path(args.config).name}: {len(users)} users, T={cfg.distill.temperature:g}, K={k}; "
+          f"target = the final ensemble with strategy A's discount\n")
+    print("| rule | strength | R@50 | N@50 | popularity lift@50 | coverage@50 | R@50 vs none | lift vs none |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for rule, strength, m, _ in rows:
+        print(f"| {rule} | {strength:g} | {m['recall@50']:.4f} | {m['ndcg@50']:.4f} | {m['popularity_lift@50']:+.1f}% "
+              f"| {m['coverage@50']:.3f} | {m['recall@50'] / base['recall@50'] - 1:+.1%} "
+              f"| {m['popularity_lift@50'] / base['popularity_lift@50'] - 1:+.0%} |")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for rule in dict.fromkeys(r[0] for r in rows[1:]):
+            pts = [rows[0]] + [r for r in rows if r[0] == rule]
+            ax.plot([p[2]["popularity_lift@50"] for p in pts], [p[2]["recall@50"] for p in pts], "o-", label=rule)
+            for _, s, m, _ in pts[1:]:
+                ax.annotate(f"{s:g}", (m["popularity_lift@50"], m["recall@50"]), xytext=(3, 3),
+                            textcoords="offset points", fontsize=7)
+        ax.set_xlabel("popularity lift@50 of the target (%)")
+        ax.set_ylabel("test recall@50 of the target")
+        ax.set_title(f"strategy A rules on the target ({Path(args.config).stem})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
