@@ -201,6 +201,14 @@ def results_block(dataset: str, command: str, table: str, gains: str, notes: lis
     return "\n".join(lines + [f"- {n}" for n in notes])
 
 
+def inference_section(path: Path) -> str:
+    """The serving-cost table bench/bench_inference.py left in the same folder (without its title), or ""."""
+    if not path.exists():
+        return ""
+    body = path.read_text().split("\n", 1)[1].strip()
+    return f"\n\nServing cost, from `{path.name}` (bench/bench_inference.py, run separately):\n\n{body}"
+
+
 def parse_sweep(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -417,8 +425,9 @@ def write(rows: list[Row], notes: list[str], dataset: str, command: str, title: 
     gains = render_gains(by_key["hetcomp"], bases) if "hetcomp" in by_key and bases else "(no HetComp student: no gains)"
     curves = tradeoff_curves(rows)
     block = results_block(dataset, command, render_table(rows), gains, notes)
-    text = f"# Method comparison ({title})\n\n{block}\n\n## Trade-off (test)\n\n{render_curves(curves)}\n\n" \
-           "![trade-off](tradeoff.png)\n\n![accuracy](accuracy.png)\n"
+    block += f"\n\nTrade-off (test), per debiasing method and strength:\n\n{render_curves(curves)}"
+    block += inference_section(out_dir / "inference.md")
+    text = f"# Method comparison ({title})\n\n{block}\n\n![trade-off](tradeoff.png)\n\n![accuracy](accuracy.png)\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps({"command": command, "rows": [dataclasses.asdict(r) for r in rows]},

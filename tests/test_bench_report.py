@@ -118,3 +118,10 @@ def test_config_drift_ignores_layout_and_names_changed_settings():
     stored = {"method": "hetcomp", "ipw": 0.0, "out": "a", "threads": 2, "teachers": ["MF"]}
     wanted = {"method": "hetcomp", "ipw": 0.5, "out": "b", "threads": 4, "teachers": ("MF",)}
     assert report.config_drift(stored, wanted) == ["ipw"]
+
+
+def test_inference_table_joins_the_results_when_present(tmp_path):
+    assert report.inference_section(tmp_path / "inference.md") == ""
+    (tmp_path / "inference.md").write_text("# Inference: x\n\n| measure | a |\n|---|---|\n| parameters | 3 |\n")
+    section = report.inference_section(tmp_path / "inference.md")
+    assert "| parameters | 3 |" in section and "# Inference" not in section
