@@ -52,7 +52,7 @@ FAMILIES = {"A": ("dissensus_target", "λ", (), "A"),
             "B": ("dissensus_weight", "γ", (), "B"),
             "IPW": ("ipw", "η", (), "IPW"), "penalty": ("pop_penalty", "β", (), "penalty")}
 COLUMNS = [("R@10", "recall@10"), ("N@10", "ndcg@10"), ("R@20", "recall@20"), ("N@20", "ndcg@20"),
-           ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("popularity lift@50", LIFT),
+           ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("popularity lift@50", LIFT), ("ARP@50", f"arp@{POP_K}"),
            ("coverage@50", f"coverage@{POP_K}")]
 
 
@@ -103,6 +103,8 @@ def _cell(value: float | None, key: str) -> str:
         return "–"
     if key.startswith("popularity_lift"):
         return f"{value:+.1f}%"
+    if key.startswith("arp"):
+        return f"{value:.1f}"
     return f"{value:.3f}" if key.startswith("coverage") else f"{value:.4f}"
 
 
@@ -384,7 +386,8 @@ def collect(args, cfg, progress=lambda rows, notes: None) -> tuple[list[Row], li
     notes = [f"teachers: each one's best valid epoch (`<run>/teachers/summary`); ensemble: their final snapshots "
              f"merged by rank importance exp(-r/{ensemble['temperature']:g}), {how}",
              f"rrd distils {best}, the best teacher by valid {SELECT_TEACHER}",
-             "penalty rows re-rank the HetComp student post hoc; their train s is HetComp's"]
+             "penalty rows re-rank the HetComp student post hoc; their train s is HetComp's",
+             "ARP@50: average recommendation popularity, the mean train count of the top-50 items"]
     if args.quick:
         notes.append("--quick: " + ", ".join(QUICK_SETS) + " (a smoke run, not results)")
 

@@ -21,7 +21,7 @@ Row = report.Row
 
 def metrics(recall50: float, lift: float, with10: bool = True) -> dict[str, float]:
     m = {"recall@20": recall50 / 2, "ndcg@20": recall50 / 4, "recall@50": recall50, "ndcg@50": recall50 / 3,
-         "popularity_lift@50": lift, "coverage@50": 0.25}
+         "popularity_lift@50": lift, "arp@50": 2 * lift, "coverage@50": 0.25}
     if with10:
         m.update({"recall@10": recall50 / 4, "ndcg@10": recall50 / 5})
     return m
@@ -56,11 +56,11 @@ def test_variants_are_valid_overrides_of_a_real_config():
 
 def test_table_has_a_row_per_method_and_dashes_for_missing_cutoffs():
     table = report.render_table(rows()).splitlines()
-    assert table[0] == ("| method | R@10 | N@10 | R@20 | N@20 | R@50 | N@50 | popularity lift@50 | coverage@50 "
-                        "| train s |")
+    assert table[0] == ("| method | R@10 | N@10 | R@20 | N@20 | R@50 | N@50 | popularity lift@50 | ARP@50 "
+                        "| coverage@50 | train s |")
     assert len(table) == 2 + len(rows())
     assert all(line.count("|") == table[0].count("|") for line in table)
-    assert table[2] == "| MF | – | – | 0.1500 | 0.0750 | 0.3000 | 0.1000 | +40.0% | 0.250 | 12 |"
+    assert table[2] == "| MF | – | – | 0.1500 | 0.0750 | 0.3000 | 0.1000 | +40.0% | 80.0 | 0.250 | 12 |"
     assert table[5].startswith("| **HetComp** | 0.0750 | 0.0600 |")
 
 
