@@ -141,6 +141,28 @@ def test_lr_decays_at_each_evaluation_without_improvement(tmp_path: Path, datase
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** misses)]
 
 
+def test_min_delta_stops_on_small_gains_but_keeps_the_best_state(tmp_path: Path, datasets_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gains below min_delta count against patience (and decay lr), while the best evaluation is still kept."""
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run = str(tmp_path / "run")
+    teacher = tiny_teacher("bpr_mf", lr=0.2, lr_decay=0.5, eval_every=1, max_epochs=8, patience=2, min_delta=1.0)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train-teachers", "--config", str(write_config(tmp_path / "c.yaml", run, [teacher])),
+                     "--sequential"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = storage.join(run, "teachers", "bpr_mf")
+    history = storage.read_manifest(storage.join(out, "trajectory"))["history"]
+    values = [h["metrics"]["recall@20"] for h in history]
+    assert len(values) == 3, values                  # one improvement (from nothing), then 2 below min_delta
+    state = _latest_checkpoint(out)
+    assert state["loop"]["best_epoch"] == 1 + values.index(max(values))
+    assert state["loop"]["best"] == pytest.approx(max(values))
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** 2)]
+
+
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A changed teacher retrains from epoch 1 and leaves no checkpoint of the old config; threads and stopping rules may differ."""

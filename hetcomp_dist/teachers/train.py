@@ -36,6 +36,7 @@ class TeacherConfig:
     max_epochs: int = 200
     eval_every: int = 5
     patience: int = 5             # evaluations without improvement of select_metric
+    min_delta: float = 0.0        # smaller gains keep the best state but count as "no improvement" (patience, lr_decay)
     lr_decay: float = 1.0         # multiply the learning rate by this at each evaluation without improvement
     max_seconds: float = 0.0      # > 0: evaluate and stop after the epoch that reaches this much training + evaluation time
     select_metric: str = "recall@20"
@@ -112,9 +113,12 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
                 metrics = evaluate_split(scorer, data, "valid", ks, eval_batch_size, users=eval_users)
                 writer.write_snapshot(epoch, metrics, _snapshot_batches(scorer, data.train, trajectory.k, eval_batch_size))
             value = metrics[cfg.select_metric]
+            improved = value > loop["best"] + cfg.min_delta
             if value > loop["best"]:
-                loop.update(best=value, best_epoch=epoch, bad_evals=0)
+                loop.update(best=value, best_epoch=epoch)
                 best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if improved:
+                loop["bad_evals"] = 0
             else:
                 loop["bad_evals"] += 1
                 for group in optimizer.param_groups:  # saved with the optimizer, so a resumed run keeps it
@@ -179,7 +183,7 @@ def _checkpoint_uri(out: str, epoch: int) -> str:
 # between a finished teacher and the config asking for it. A checkpoint may also be resumed under other
 # stopping rules (train a run further, or stop it where it is): the epochs before the stop are the same.
 _RESOURCES = ("threads", "cpus", "gpus")
-_STOPPING = ("max_epochs", "max_seconds", "patience")
+_STOPPING = ("max_epochs", "max_seconds", "patience", "min_delta")
 
 
 def _run_settings(cfg: TeacherConfig, ignore: tuple[str, ...] = _RESOURCES) -> dict[str, Any]:
