@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -130,3 +132,31 @@ def test_rerun_resumes_from_the_checkpoint_with_its_time(run, tmp_path):
     assert resumed["train_seconds"] >= ckpt["train_seconds"]
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
     assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.02)
+
+
+def test_checkpoint_written_before_a_new_field_still_resumes(run, tmp_path):
+    """A checkpoint whose stored config lacks a DistillConfig field added since resumes (the field takes its
+    default); a checkpoint of other settings does not."""
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20})
+
+    def crash_after_first_eval(event):
+        if "valid" in event:
+            raise _Crash
+
+    out = str(tmp_path / "older")
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, out, ks=(10,), report=crash_after_first_eval)
+    manifest = Path(out) / "checkpoint" / "MANIFEST.json"
+    written = json.loads(manifest.read_text())
+    epoch = written["epoch"]
+    del written["config"]["dissensus_rule"]            # as written before the field existed
+    manifest.write_text(json.dumps(written))
+    done = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "max_epochs": epoch}), out, ks=(10,))
+    assert done["resumed_from"] == [epoch] and done["epochs"] == epoch
+
+    other = str(tmp_path / "other")
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, other, ks=(10,), report=crash_after_first_eval)
+    changed = DistillConfig(**{**cfg.__dict__, "lr": cfg.lr * 2, "max_epochs": epoch})
+    assert distill(ds_uri, uris, changed, other, ks=(10,))["resumed_from"] == []

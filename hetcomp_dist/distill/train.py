@@ -346,9 +346,16 @@ def _run_config(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def _same_run(uri: str, cfg: DistillConfig) -> bool:
+    """Whether the checkpoint at ``uri`` was written under ``cfg``'s settings; a field added to
+    DistillConfig since it was written counts as its default (else every new switch would restart
+    every run in flight)."""
     import json
 
-    return storage.read_manifest(uri).get("config") == json.loads(json.dumps(_run_config(cfg)))
+    stored = storage.read_manifest(uri).get("config")
+    if not isinstance(stored, dict):
+        return False
+    plain = lambda c: json.loads(json.dumps(_run_config(c)))   # noqa: E731 (tuples -> lists, as stored)
+    return {**plain(DistillConfig()), **stored} == plain(cfg)
 
 
 def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, Any]) -> None:
