@@ -50,3 +50,16 @@ def test_pipeline_end_to_end_and_rerun_reuses(tmp_path: Path, datasets_dir: Path
     # everything is there: nothing is retrained, and the same table comes back
     assert "distilling" not in again.stdout and "] epoch" not in again.stdout
     assert storage.read_json(storage.join(cfg.run, "report"), "results.json")["test"] == result["test"]
+
+    # the bench scripts that read a finished run still run against it (a refactor once broke one unnoticed)
+    targets = subprocess.run([sys.executable, str(REPO / "bench" / "bench_targets.py"), "--config", str(path),
+                              "--users", "400", "--rules", "consensus:1", "contested:1", "popularity:0.25"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert targets.returncode == 0, targets.stderr[-3000:]
+    table = [line for line in targets.stdout.splitlines() if line.startswith("| ") and "rule" not in line]
+    assert [line.split(" | ")[0] for line in table] == ["| none", "| consensus", "| contested", "| popularity"]
+    inference = subprocess.run([sys.executable, str(REPO / "bench" / "bench_inference.py"), "--config", str(path),
+                                "--users", "200", "--repeat", "1", "--out", str(tmp_path / "inference")],
+                               capture_output=True, text=True, env=env, timeout=600)
+    assert inference.returncode == 0, inference.stderr[-3000:]
+    assert "| parameters |" in (tmp_path / "inference" / "inference.md").read_text()
