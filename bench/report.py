@@ -219,31 +219,44 @@ def parse_sweep(text: str) -> list[float]:
 
 
 def plot_tradeoff(curves: dict[str, list[tuple[float, float, float]]], anchors: list[Row], path: Path) -> None:
-    """Test recall@50 against popularity lift@50: a line per debiasing family, HetComp starred."""
+    """Test recall@50 against popularity lift@50: a line per debiasing family, HetComp starred; the
+    right panel zooms on the points within 10% of HetComp's recall (a collapsed penalty squeezes them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for family, points in curves.items():
-        symbol, label = FAMILIES[family][1], FAMILIES[family][3]
-        _, xs, ys = zip(*points)
-        ax.plot(xs, ys, "o-", label=f"HetComp+{label} ({symbol})")
-        for p, x, y in points[1:]:
-            ax.annotate(f"{p:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    for r in anchors:
-        if LIFT in r.test and ACCURACY in r.test:
-            star = r.key == "hetcomp"
-            ax.plot(r.test[LIFT], r.test[ACCURACY], "*" if star else "s", ms=14 if star else 6,
-                    color="k" if star else "0.6", zorder=5)
-            ax.annotate(r.label, (r.test[LIFT], r.test[ACCURACY]), textcoords="offset points",
-                        xytext=(5, -10), fontsize=8)
-    ax.set_xlabel("popularity lift@50 (%)  ← less popularity bias")
-    ax.set_ylabel("test recall@50")
-    ax.set_title("accuracy / popularity-lift trade-off")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    hetcomp = next((r for r in anchors if r.key == "hetcomp" and ACCURACY in r.test), None)
+    for zoom, ax in enumerate(axes):
+        for family, points in curves.items():
+            symbol, label = FAMILIES[family][1], FAMILIES[family][3]
+            _, xs, ys = zip(*points)
+            ax.plot(xs, ys, "o-", label=f"HetComp+{label} ({symbol})")
+            for p, x, y in points[1:]:
+                ax.annotate(f"{p:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for r in anchors:
+            if LIFT in r.test and ACCURACY in r.test:
+                star = r.key == "hetcomp"
+                ax.plot(r.test[LIFT], r.test[ACCURACY], "*" if star else "s", ms=14 if star else 6,
+                        color="k" if star else "0.6", zorder=5)
+                ax.annotate(r.label, (r.test[LIFT], r.test[ACCURACY]), textcoords="offset points",
+                            xytext=(5, -10), fontsize=8)
+        if zoom and hetcomp is not None:
+            close = lambda y: abs(y / hetcomp.test[ACCURACY] - 1) <= 0.1   # noqa: E731
+            near = [(x, y) for pts in curves.values() for _, x, y in pts if close(y)]
+            near += [(r.test[LIFT], r.test[ACCURACY]) for r in anchors if ACCURACY in r.test and close(r.test[ACCURACY])]
+            xs, ys = zip(*near)
+            pad_x, pad_y = max(5.0, 0.1 * (max(xs) - min(xs))), 0.1 * (max(ys) - min(ys)) + 1e-3
+            ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+            ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+            ax.set_title("zoom: within 10% of HetComp's recall")
+        else:
+            ax.set_title("accuracy / popularity-lift trade-off")
+        ax.set_xlabel("popularity lift@50 (%)  ← less popularity bias")
+        ax.set_ylabel("test recall@50")
+        ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=8)
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
