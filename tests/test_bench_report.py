@@ -125,3 +125,13 @@ def test_inference_table_joins_the_results_when_present(tmp_path):
     (tmp_path / "inference.md").write_text("# Inference: x\n\n| measure | a |\n|---|---|\n| parameters | 3 |\n")
     section = report.inference_section(tmp_path / "inference.md")
     assert "| parameters | 3 |" in section and "# Inference" not in section
+
+
+def test_write_leaves_the_report_the_plots_and_a_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# p\n")
+    text = report.write(rows(), ["a note"], "runs/x/dataset", "cmd", "citeulike.yaml", tmp_path / "out", readme)
+    assert {"report.md", "results.json", "tradeoff.png", "accuracy.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 10_000 and "a note" in text
+    start, end = report.readme_markers("citeulike")
+    assert start in readme.read_text() and "| HetComp+A(λ=1) |" not in readme.read_text().split(end)[1]
