@@ -62,8 +62,9 @@ def main() -> None:
     k = min(reader.ks)
     lists = reader.final(0, int(users[-1]) + 1, k=k)                         # [U, T, K], row = user id
     counts = dissensus.agreement_counts(lists, data.n_items)
-    pop = dissensus.popularity_percentile(data.train.item_counts())
-    item_counts = torch.from_numpy(data.train.item_counts()).float()
+    train_counts = data.train.item_counts()
+    pop = dissensus.popularity_percentile(train_counts)
+    item_counts = torch.from_numpy(train_counts).float()
     importance = rank_importance(k, cfg.distill.temperature)
 
     rows = []

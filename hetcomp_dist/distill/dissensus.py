@@ -36,18 +36,22 @@ def agreement_counts(lists: torch.Tensor, n_items: int) -> torch.Tensor:
     return counts[:, :n_items]
 
 
+def _entry_agreement(lists: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per list entry [B, T, K]: its item id (padding read as item 0) and agree(u, i), the share of teachers listing it."""
+    idx = torch.where(lists >= 0, lists, 0)
+    return idx, torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
+
+
 def target_discount(lists: torch.Tensor, counts: torch.Tensor, pop: torch.Tensor, lam: float) -> torch.Tensor:
     """Strategy A: float [B, T, K] multipliers of each list entry's rank importance."""
-    idx = torch.where(lists >= 0, lists, 0)
-    agree = torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
+    idx, agree = _entry_agreement(lists, counts)
     return torch.where(lists >= 0, (1 - lam * agree * pop[idx]).clamp_min(0), 1.0)
 
 
 def contested_discount(lists: torch.Tensor, counts: torch.Tensor, item_counts: torch.Tensor,
                        eta: float) -> torch.Tensor:
     """Strategy A, rule ``contested``: float [B, T, K] multipliers count(i)^(-eta * (1 - agree(u, i)))."""
-    idx = torch.where(lists >= 0, lists, 0)
-    agree = torch.gather(counts, 1, idx.reshape(len(lists), -1)).reshape(lists.shape) / lists.shape[1]
+    idx, agree = _entry_agreement(lists, counts)
     return torch.where(lists >= 0, item_counts.clamp_min(1)[idx] ** (-eta * (1 - agree)), 1.0)
 
 

@@ -174,9 +174,10 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         spent = ckpt.get("train_seconds", 0.0)   # time budget and reported time span every attempt
         first_epoch = ckpt["epoch"] + 1 if bad < cfg.patience else cfg.max_epochs + 1
         report({"event": "resumed", "epoch": ckpt["epoch"]})
-    pop = dissensus.popularity_percentile(data.train.item_counts())
+    train_counts = data.train.item_counts()
+    pop = dissensus.popularity_percentile(train_counts)
     if cfg.method != "bpr":
-        build = _TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(data.train.item_counts()).float())
+        build = _TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(train_counts).float())
         targets, target_weights = build(lists, stage)
         state_bytes = distributed.sum_over_ranks(lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8
                                                  + stage.numel() * 8 + (0 if target_weights is None else target_weights.numel() * 4))
