@@ -14,11 +14,11 @@ Steps (each reuses what storage already holds, so a rerun only fills gaps):
 3. students, each ``pipeline.distill_run`` in this process into ``<run>/distill/<variant>``
    (``<run>/distill_quick/<variant>`` with --quick, so smoke students never pass for real ones),
    skipped when that output is complete: bpr (no teachers), rrd (listwise distillation of the
-   best teacher by VALID recall@50, so the choice does not peek at test), mtd (the final
+   best teacher by VALID recall@50, so the choice does not peek at test), ablation (HetComp without DKC and L_O: the final
    ensemble, no trajectories), hetcomp, hetcomp + A(lambda) / B(gamma) / IPW(eta);
 4. hetcomp + penalty(beta): the saved hetcomp student re-ranked post hoc (no training).
 
-Writes report.md (the table, the gains of HetComp over bpr and mtd), tradeoff.png (test
+Writes report.md (the table, the gains of HetComp over bpr and the ablation), tradeoff.png (test
 recall@50 vs popularity lift@50 per debiasing method), accuracy.png (recall/NDCG@50 bars) and
 results.json into --out; --readme splices the table into README.md's "## Results" section.
 """
@@ -87,8 +87,8 @@ class Row:
 def variants(best_teacher: str, sweeps: dict[str, list[float]]) -> list[Variant]:
     """The students of the comparison, in table order; ``sweeps`` maps a FAMILIES key to its values."""
     out = [Variant("bpr", "bpr (student alone)", "bpr"),
-           Variant("rrd", f"rrd ({best_teacher})", "ensemble", (f"distill.teachers=[{best_teacher}]",)),
-           Variant("mtd", "mtd (final ensemble)", "ensemble"),
+           Variant("rrd", f"rrd ({best_teacher})", "final_ensemble", (f"distill.teachers=[{best_teacher}]",)),
+           Variant("ablation", "HetComp ablation (final ensemble, L_R only)", "final_ensemble"),
            Variant("hetcomp", "HetComp", "hetcomp")]
     for family in ("penalty", "A", "C", "P", "B", "IPW"):   # the post-hoc baseline first: it needs only hetcomp
         name, symbol, sets, label = FAMILIES[family]
@@ -437,7 +437,7 @@ def write(rows: list[Row], notes: list[str], dataset: str, command: str, title: 
           readme: Path | None) -> str:
     """report.md, the plots and results.json into ``out_dir`` (and README's results); the report text."""
     by_key = {r.key: r for r in rows}
-    bases = [by_key[k] for k in ("bpr", "mtd") if k in by_key]
+    bases = [by_key[k] for k in ("bpr", "ablation") if k in by_key]
     gains = render_gains(by_key["hetcomp"], bases) if "hetcomp" in by_key and bases else "(no HetComp student: no gains)"
     curves = tradeoff_curves(rows)
     block = results_block(dataset, command, render_table(rows), gains, notes)
@@ -448,7 +448,7 @@ def write(rows: list[Row], notes: list[str], dataset: str, command: str, title: 
     (out_dir / "report.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps({"command": command, "rows": [dataclasses.asdict(r) for r in rows]},
                                                      indent=1))
-    plot_tradeoff(curves, [by_key[k] for k in ("hetcomp", "ensemble", "bpr", "mtd") if k in by_key],
+    plot_tradeoff(curves, [by_key[k] for k in ("hetcomp", "ensemble", "bpr", "ablation") if k in by_key],
                   out_dir / "tradeoff.png")
     plot_accuracy(rows, out_dir / "accuracy.png")
     if readme is not None:

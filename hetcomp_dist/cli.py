@@ -138,7 +138,7 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
                        "<run>/distill/<method>.")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.method=ensemble")
+                   help="override a config value, e.g. --set distill.method=final_ensemble")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Train with distill.workers workers (ray.address / $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_distill)

@@ -30,7 +30,7 @@ def metrics(recall50: float, lift: float, with10: bool = True) -> dict[str, floa
 def rows() -> list[Row]:
     return [Row("teacher:MF", "MF", metrics(0.30, 40.0, with10=False), 12.4, kind="teacher"),
             Row("bpr", "bpr (student alone)", metrics(0.20, 80.0), 3.0),
-            Row("mtd", "mtd (final ensemble)", metrics(0.25, 70.0), 5.0),
+            Row("ablation", "HetComp ablation (final ensemble, L_R only)", metrics(0.25, 70.0), 5.0),
             Row("hetcomp", "HetComp", metrics(0.30, 60.0), 9.6),
             Row("hetcomp_A1", "HetComp+A(λ=1)", metrics(0.26, 20.0), 9.0, "A", 1.0),
             Row("hetcomp_A0.25", "HetComp+A(λ=0.25)", metrics(0.29, 50.0), 9.0, "A", 0.25),
@@ -39,13 +39,13 @@ def rows() -> list[Row]:
 
 def test_variants_are_valid_overrides_of_a_real_config():
     vs = report.variants("I-AE", {"A": [0.25, 1.0], "C": [2.0], "P": [0.25], "IPW": [0.5], "penalty": [0.1]})
-    assert [v.key for v in vs] == ["bpr", "rrd", "mtd", "hetcomp", "hetcomp_penalty0.1", "hetcomp_A0.25",
+    assert [v.key for v in vs] == ["bpr", "rrd", "ablation", "hetcomp", "hetcomp_penalty0.1", "hetcomp_A0.25",
                                    "hetcomp_A1", "hetcomp_C2", "hetcomp_P0.25", "hetcomp_IPW0.5"]
     assert [v.post_hoc for v in vs] == [False] * 4 + [True] + [False] * 5
     loaded = {v.key: config.load(RunConfig, REPO / "configs" / "citeulike.yaml",
                                  [f"distill.method={v.method}", *v.sets]).distill for v in vs}
-    assert loaded["rrd"].teachers == ["I-AE"] and loaded["rrd"].method == "ensemble"
-    assert loaded["mtd"].teachers == [] and loaded["mtd"].method == "ensemble"
+    assert loaded["rrd"].teachers == ["I-AE"] and loaded["rrd"].method == "final_ensemble"
+    assert loaded["ablation"].teachers == [] and loaded["ablation"].method == "final_ensemble"
     assert loaded["hetcomp_A0.25"].dissensus_target == 0.25 and loaded["hetcomp_A1"].dissensus_target == 1.0
     assert loaded["hetcomp_IPW0.5"].ipw == 0.5 and loaded["hetcomp_IPW0.5"].dissensus_target == 0.0
     assert loaded["bpr"].method == "bpr"
@@ -64,12 +64,12 @@ def test_table_has_a_row_per_method_and_dashes_for_missing_cutoffs():
     assert table[5].startswith("| **HetComp** | 0.0750 | 0.0600 |")
 
 
-def test_gains_of_hetcomp_over_bpr_and_mtd():
+def test_gains_of_hetcomp_over_bpr_and_the_ablation():
     by = {r.key: r for r in rows()}
     gains = report.relative_gains(by["hetcomp"], by["bpr"])
     assert gains["recall@50"] == pytest.approx(0.5)          # 0.30 vs 0.20
     assert gains["popularity_lift@50"] == pytest.approx(-20.0)  # absolute, in points
-    text = report.render_gains(by["hetcomp"], [by["bpr"], by["mtd"]]).splitlines()
+    text = report.render_gains(by["hetcomp"], [by["bpr"], by["ablation"]]).splitlines()
     assert text[2].startswith("| bpr (student alone) | +50.0% |")
     assert "| +20.0% |" in text[3] and "-10.0 pts" in text[3]  # R@50 0.30 vs 0.25; lift 60 vs 70
 

@@ -78,12 +78,17 @@ def test_hetcomp_writes_outputs_and_advances_stages(run):
     finals = [p["final_fraction"] for p in progress]
     assert finals == sorted(finals) and finals[-1] > finals[0]  # stages only move forward, and do move
     assert metrics["state_bytes"] > 0
+    stages = saved["trajectory_stages"]
+    assert list(stages["epochs"]) == uris
+    assert all(e == sorted(e) and len(e) == 4 and e[-1] == 8 for e in stages["epochs"].values())
+    assert len(stages["ensemble_test"]) == 4 and all(0 < e["recall@50"] <= 1 for e in stages["ensemble_test"])
+    assert "## Trajectory stages" in storage.read_bytes(out, "report.md").decode()
 
 
 def test_distilled_student_beats_student_alone(run):
     """Teachers that know the held-out items must make a better student than BPR on the train data."""
     ds_uri, uris, root = run
-    kd = distill(ds_uri, uris, _cfg("ensemble"), str(root / "ensemble"), ks=(10,))
+    kd = distill(ds_uri, uris, _cfg("final_ensemble"), str(root / "ensemble"), ks=(10,))
     alone = distill(ds_uri, uris, _cfg("bpr"), str(root / "bpr"), ks=(10,))
     assert kd["test"]["recall@10"] > alone["test"]["recall@10"] + 0.1
 
@@ -100,8 +105,8 @@ def test_debiasing_switches_and_sampled_denominator_still_distil(run):
     assert mixed["test"]["recall@10"] > alone["test"]["recall@10"] + 0.1
     assert mixed["epochs"] >= 10 and mixed["dkc_progress"]
 
-    plain = distill(ds_uri, uris, _cfg("ensemble"), str(root / "plain"), ks=(10,))
-    penalised_cfg = _cfg("ensemble")
+    plain = distill(ds_uri, uris, _cfg("final_ensemble"), str(root / "plain"), ks=(10,))
+    penalised_cfg = _cfg("final_ensemble")
     penalised_cfg.pop_penalty = 2.0
     penalised = distill(ds_uri, uris, penalised_cfg, str(root / "penalised"), ks=(10,))
     assert penalised["best_epoch"] == plain["best_epoch"]                # the same training ...

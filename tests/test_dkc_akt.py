@@ -14,10 +14,32 @@ from hetcomp_dist.distill import akt, dkc
 # ----------------------------------------------------------------------------- references
 
 def ref_discrepancy(student: list[int], pi: list[int], k: int = 50) -> float:
+    """1 - NDCG@k, NDCG rounded to 4 decimals (the authors' get_NDCG_u)."""
     top = set(x for x in pi[:k] if x >= 0)
     gain = [(2 ** math.exp(-t / 10) - 1) / math.log2(t + 2) for t in range(k)]
     dcg = sum(gain[t] for t in range(k) if student[t] in top)
-    return 1 - dcg / sum(gain)
+    return 1 - round(dcg / sum(gain), 4)
+
+
+def ref_dkc_check(stage, last, top, lists, th, first):
+    """The authors' DKC (main.py), transcribed with loops: stage int[U][T], last float[U][T],
+    top [U][50], lists [U][T][S][K]. Returns new (stage, last)."""
+    stage, last = [list(r) for r in stage], [list(r) for r in last]
+    n_users, n_teachers, final = len(stage), len(stage[0]), len(lists[0][0]) - 1
+    for t in range(n_teachers):
+        for u in range(n_users):
+            nxt = min(final, stage[u][t] + 1)
+            if first:
+                last[u][t] = ref_discrepancy(top[u], lists[u][t][nxt])
+                continue
+            if stage[u][t] == final:
+                continue
+            d = ref_discrepancy(top[u], lists[u][t][nxt])
+            ratio = last[u][t] / d if d else (math.inf if last[u][t] else math.nan)
+            if ratio > th or ratio < 1:
+                stage[u][t] += 1
+                last[u][t] = ref_discrepancy(top[u], lists[u][t][min(final, stage[u][t] + 1)])
+    return stage, last
 
 
 def ref_overall(s: np.ndarray, observed: set, p: list, t: list) -> float:
@@ -78,20 +100,56 @@ def test_discrepancy_matches_reference_and_bounds():
     got = dkc.discrepancy(torch.from_numpy(student), torch.from_numpy(targets)).numpy()
     for u in range(3):
         for t in range(2):
-            assert got[u, t] == pytest.approx(ref_discrepancy(student[u].tolist(), targets[u, t].tolist()), abs=1e-6)
+            assert got[u, t] == pytest.approx(ref_discrepancy(student[u].tolist(), targets[u, t].tolist()), abs=1e-12)
     assert got[0, 0] == pytest.approx(0.0, abs=1e-6)
     disjoint = dkc.discrepancy(torch.arange(50)[None], torch.arange(50, 100)[None, None])
     assert disjoint.item() == pytest.approx(1.0)
 
 
 def test_advance_rule():
-    stage = torch.tensor([[0, 0, 0, 3, 1]])
-    last = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.4]])
-    d_next = torch.tensor([[0.4, 0.49, 0.6, 0.1, 0.0]])
-    # ratios: 1.25 (> th 1.05: advance), 1.0204 (stay), 0.833 (< 1: advance), final (never), inf (advance)
-    moved = dkc.advance(stage, last, d_next, n_stages=4, th=1.05)
-    assert moved.tolist() == [[True, False, True, False, True]]
+    top = torch.arange(50)[None]
+    # per teacher: stage 1 is the student's top (distance 0), stages 0, 2 and 3 are disjoint from it (1)
+    lists = torch.stack([torch.arange(1000, 1050), torch.arange(50), torch.arange(2000, 2050),
+                         torch.arange(3000, 3050)])[None, None].expand(1, 5, 4, 50)
+    stage = torch.tensor([[0, 0, 0, 3, 0]])
+    # ratios against the stage-1 lists of the student's own top: last / 0 = inf (move) unless last = 0 (0/0: stay)
+    last = torch.tensor([[0.5, 0.0, 0.5, 0.5, 0.4]], dtype=torch.float64)
+    new_stage, new_last = dkc.step(stage, last, top, lists, 1.05)
+    assert new_stage.tolist() == [[1, 0, 1, 3, 1]]
+    assert new_last[0, 1].item() == 0.0 and new_last[0, 3].item() == 0.5           # unmoved keep theirs
+    assert new_last[0, 0].item() == 1.0                                           # moved: distance to stage 2
     assert dkc.threshold(25, dkc.DKCConfig()) == pytest.approx(1.05 * 0.995 ** 2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_step_matches_the_reference_rule(seed):
+    """dkc.start/step against the transcription of the authors' DKC on random inputs: the student's
+    top overlaps each stage list by a random amount, several checks in a row with a falling threshold."""
+    rng = np.random.default_rng(seed)
+    n_users, n_teachers, n_stages, k, n_items = 40, 3, 4, 60, 120
+    lists = np.stack([[[rng.permutation(n_items)[:k] for _ in range(n_stages)] for _ in range(n_teachers)]
+                      for _ in range(n_users)])
+    stage = torch.zeros(n_users, n_teachers, dtype=torch.long)
+    ref_stage, ref_last = stage.tolist(), [[1.0] * n_teachers for _ in range(n_users)]
+    last = None
+    for check in range(4):
+        rows = [np.concatenate([lists[u, rng.integers(n_teachers), rng.integers(n_stages), :rng.integers(0, 50)],
+                                rng.permutation(n_items)]) for u in range(n_users)]
+        top = np.array([list(dict.fromkeys(row.tolist()))[:50] for row in rows])
+        th = 1.05 * 0.995 ** (check + 1)
+        ref_stage, ref_last = ref_dkc_check(ref_stage, ref_last, top.tolist(), lists.tolist(), th, first=check == 0)
+        if check == 0:
+            last = dkc.start(stage, torch.from_numpy(top), torch.from_numpy(lists))
+        else:
+            stage, last = dkc.step(stage, last, torch.from_numpy(top), torch.from_numpy(lists), th)
+        assert stage.tolist() == ref_stage
+        np.testing.assert_allclose(last.numpy(), np.array(ref_last), rtol=0, atol=1e-12)
+    assert 0 < (stage == n_stages - 1).float().mean() < 1      # the checks moved some pairs, not all
+
+
+def test_switch_rule():
+    assert dkc.switched([3.0, 2.996], 4) and not dkc.switched([3.0, 2.994], 4)
+    assert not dkc.switched([3.0, 2.996], 4, "strict") and dkc.switched([3.0, 3.0], 4, "strict")
 
 
 def test_stage_lists_gather():

@@ -1,10 +1,11 @@
-"""Dynamic knowledge construction (ALGORITHM.md §5): per user and teacher, when to move the
-target to the next (harder) trajectory stage. Vectorised over users and teachers.
+"""Dynamic knowledge construction (DKC): per user and teacher, when to move the target to the next
+(harder) trajectory stage. Vectorised over users and teachers; the rule is the authors' released one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,17 +21,20 @@ def _gains(k: int) -> torch.Tensor:
 def discrepancy(student_top: torch.Tensor, targets: torch.Tensor, k: int = DISCREPANCY_K) -> torch.Tensor:
     """D(u, pi) = 1 - NDCG@k of the student's top-k against each teacher permutation's top-k.
 
+    NDCG is rounded to 4 decimals, as the reference does: the ratio test compares these rounded values.
+
     Args:
         student_top: int [B, >=k] the student's top unobserved items, best first.
         targets: int [B, T, >=k] permutations (e.g. each teacher's next-stage list), -1 padded.
     Returns:
-        float32 [B, T].
+        float64 [B, T].
     """
     s = student_top[:, :k]
     pi = targets[..., :k]
     hit = (s[:, None, :, None] == pi[:, :, None, :]).any(-1)  # [B, T, k]: s_t in pi[:k]
-    gains = _gains(s.shape[1]).to(torch.float32)
-    return 1.0 - (hit.float() * gains).sum(-1) / gains.sum()
+    gains = _gains(k)
+    ndcg = (hit.double() * gains[: s.shape[1]]).sum(-1) / gains.sum()
+    return 1.0 - torch.round(ndcg, decimals=4)
 
 
 @dataclass
@@ -45,19 +49,48 @@ def threshold(epoch: int, cfg: DKCConfig) -> float:
     return cfg.alpha * cfg.decay ** (epoch // cfg.period)
 
 
-def advance(stage: torch.Tensor, last: torch.Tensor, d_next: torch.Tensor, n_stages: int,
-            th: float) -> torch.Tensor:
-    """Which (user, teacher) pairs move to their next stage.
+def start(stage: torch.Tensor, top: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """The first check: no stage moves; ``last`` becomes each pair's distance to its next stage."""
+    return discrepancy(top, next_stage_lists(lists, stage))
+
+
+def step(stage: torch.Tensor, last: torch.Tensor, top: torch.Tensor, lists: torch.Tensor,
+         threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DKC check after the first.
+
+    A pair (u, t) not at its final stage moves on when ratio = last / D(u, next stage) is above
+    ``threshold`` or below 1 (last > 0 and D = 0 gives an infinite ratio, 0 / 0 none: no move).
+    Only pairs that moved get a new ``last``: the distance to their new next stage. The others
+    keep theirs, so their ratio measures progress since their last move.
 
     Args:
-        stage: int [B, T] current stage v(u, t).
-        last: float [B, T] the discrepancy to the next stage stored at the previous decision.
-        d_next: float [B, T] the discrepancy to the next stage now.
+        stage: int [U, T]; last: float [U, T]; top: int [U, 50] the student's top unobserved items;
+        lists: int [U, T, S, K] the trajectories.
     Returns:
-        bool [B, T]: not final, and ratio = last / d_next is > th or < 1 (d_next = 0 -> ratio inf).
+        (stage, last), new tensors.
     """
-    ratio = torch.where(d_next > 0, last / d_next.clamp_min(1e-12), torch.full_like(last, float("inf")))
-    return (stage < n_stages - 1) & ((ratio > th) | (ratio < 1))
+    n_stages = lists.shape[2]
+    d_next = discrepancy(top, next_stage_lists(lists, stage)).to(last.dtype)
+    ratio = last / d_next                                      # IEEE: x/0 = inf, 0/0 = nan
+    moved = (stage < n_stages - 1) & ((ratio > threshold) | (ratio < 1))
+    stage = stage + moved.long()
+    last = torch.where(moved, discrepancy(top, next_stage_lists(lists, stage)).to(last.dtype), last)
+    return stage, last
+
+
+SwitchRule = Literal["reference", "strict"]
+
+
+def switched(mean_stage: list[float], n_stages: int, rule: SwitchRule = "reference") -> bool:
+    """Whether DKC is over and L_R replaces L_O, from each teacher's mean stage over all users.
+
+    reference: every teacher's mean stage, rounded to 2 decimals, is final (the authors' code; a
+    tail of under 0.5% of a teacher's users may lag and keeps its stage). strict: every pair is final.
+    """
+    final = n_stages - 1
+    if rule == "strict":
+        return all(m >= final for m in mean_stage)
+    return all(round(m, 2) == final for m in mean_stage)
 
 
 def next_stage_lists(lists: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ B x n_items score buffer lives only for one batch.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 PAD = -1
@@ -58,3 +60,12 @@ class ListScorer:
 
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
         return ensemble_scores(self.lists[users], self.n_items, self.importance)
+
+
+def shifted_scorer(scorer: ListScorer, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A scorer over global user ids for lists whose row 0 is user ``first``; items in no list
+    score -inf, so the evaluator leaves their ranks empty instead of filling them arbitrarily."""
+    def scores(users: torch.Tensor) -> torch.Tensor:
+        s = scorer(users - first)                 # a fresh B x n_items tensor: modified in place
+        return s.masked_fill_(s <= 0, float("-inf"))
+    return scores

@@ -33,7 +33,7 @@ import torch
 from hetcomp_dist import storage
 from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import load_dataset
-from hetcomp_dist.distill.ensemble import ListScorer
+from hetcomp_dist.distill.ensemble import ListScorer, shifted_scorer
 from hetcomp_dist.evaluate import RankingSums, evaluate_sums
 from hetcomp_dist.storage import StorageError
 from hetcomp_dist.teachers.train import teacher_uri
@@ -126,9 +126,9 @@ def evaluate_ensemble(cfg: "RunConfig", temperature: float | None = None,
             continue
         first, stop = int(users[0]), int(users[-1]) + 1
         lists = reader.final(first, stop, k=k_list)                           # [stop-first, T, K]
-        scorers = {name: _shifted(ListScorer(lists[:, t:t + 1], n_items, temperature=float(k_list)), first)
+        scorers = {name: shifted_scorer(ListScorer(lists[:, t:t + 1], n_items, temperature=float(k_list)), first)
                    for t, name in enumerate(names)}
-        scorers[ENSEMBLE] = _shifted(ListScorer(lists, n_items, temperature=temperature), first)
+        scorers[ENSEMBLE] = shifted_scorer(ListScorer(lists, n_items, temperature=temperature), first)
         for name, scorer in scorers.items():
             t0 = time.perf_counter()
             for split in SPLITS:
@@ -230,15 +230,6 @@ def write_results(results: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _shifted(scorer: ListScorer, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A scorer over global user ids for lists whose row 0 is user ``first``; items in no list
-    score -inf, so the evaluator leaves their ranks empty instead of filling them arbitrarily."""
-    def scores(users: torch.Tensor) -> torch.Tensor:
-        s = scorer(users - first)                 # a fresh B x n_items tensor: modified in place
-        return s.masked_fill_(s <= 0, float("-inf"))
-    return scores
 
 
 def _finite(v: float) -> float:

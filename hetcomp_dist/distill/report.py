@@ -9,7 +9,8 @@ Input: the metrics dict written by :func:`hetcomp_dist.distill.train.distill`: `
 ``n_users``), ``history`` (one entry per evaluation: ``epoch``, ``valid``, ``loss``, ``phase``),
 ``dkc_progress`` (per evaluation while DKC runs: ``epoch``, ``mean_stage`` per teacher,
 ``final_fraction``), ``teachers`` (trajectory URIs), ``workers``, ``resumed_from``,
-``state_bytes``. Missing optional keys are skipped.
+``state_bytes``, ``trajectory_stages`` (per teacher the epochs of its stages, and the test metrics
+of each stage's ensemble). Missing optional keys are skipped.
 """
 
 from __future__ import annotations
@@ -86,7 +87,24 @@ def _markdown(m: dict[str, Any], select: str) -> str:
         for p in progress:
             lines.append(f"| {p['epoch']} | {p['final_fraction']:.3f} | "
                          + " | ".join(f"{s:.2f}" for s in p["mean_stage"]) + " |")
+    lines += _stage_lines(m.get("trajectory_stages"))
     return "\n".join(lines) + "\n"
+
+
+def _stage_lines(stages: dict[str, Any] | None) -> list[str]:
+    """Which epochs each trajectory stage comes from, and the test metrics of each stage's ensemble."""
+    if not stages:
+        return []
+    n = len(stages["ensemble_test"])
+    lines = ["", "## Trajectory stages", "", "Training epoch of each teacher's snapshot per stage, and the "
+             "test metrics of the teachers' ensemble built from that stage alone.", "",
+             "| teacher | " + " | ".join(f"stage {s}" for s in range(n)) + " |", "|---|" + "---|" * n]
+    for uri, epochs in stages["epochs"].items():
+        lines.append(f"| {teacher_label(uri)} | " + " | ".join(str(e) for e in epochs) + " |")
+    for key in ("recall@50", "ndcg@50", "recall@20"):
+        if key in stages["ensemble_test"][0]:
+            lines.append(f"| ensemble {key} | " + " | ".join(f"{e[key]:.4f}" for e in stages["ensemble_test"]) + " |")
+    return lines
 
 
 def metric_table(split: dict[str, Any]) -> list[str]:

@@ -27,9 +27,10 @@ below are no-ops). With W processes in the default process group (Ray Train's To
   each rank taking its rows, with any number of workers. It is removed once the outputs are written.
 
 Methods:
-    hetcomp  - DKC over the trajectories (easy to hard), L_O until every stage is final, then L_R.
-    ensemble - the final ensemble as the only target (trajectories unused: DKC off), L_R.
-    bpr      - the student trained alone with BPR (no teachers).
+    hetcomp        - DKC over the trajectories (easy to hard), L_O until DKC ends (dkc.switched), then L_R.
+    final_ensemble - the ablation of HetComp without DKC and L_O: the final ensemble is the only
+                     target and L_R runs from epoch 1 (not the literature's MTD).
+    bpr            - the student trained alone with BPR (no teachers).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from hetcomp_dist import distributed, storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import akt, baselines, dissensus, dkc
-from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
+from hetcomp_dist.distill.ensemble import ListScorer, ensemble_topk, rank_importance, shifted_scorer
 from hetcomp_dist.evaluate import evaluate_sums, topk_items
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.tables import Tables
@@ -56,9 +57,10 @@ from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 @dataclass
 class DistillConfig:
-    method: Literal["hetcomp", "ensemble", "bpr"] = "hetcomp"
+    method: Literal["hetcomp", "final_ensemble", "bpr"] = "hetcomp"
     teachers: list[str] = field(default_factory=list)   # default: every teacher of the run config
     dim: int = 6
+    init_std: float = 0.01           # embeddings start as N(0, init_std^2), as in the authors' code
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
@@ -75,6 +77,7 @@ class DistillConfig:
     temperature: float = 10.0        # rank importance exp(-r / temperature)
     alpha: float = 1.05
     decay: float = 0.995
+    dkc_switch: Literal["reference", "strict"] = "reference"   # when L_R replaces L_O (dkc.switched)
     score_clamp: float = 40.0
     # Debiasing (ALGORITHM.md §7); 0 switches each off, and they combine.
     dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
@@ -101,10 +104,10 @@ class Student(torch.nn.Module):
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int, device: torch.device | None = None,
-                 first_user: int = 0):
+                 first_user: int = 0, init_std: float = 0.01):
         super().__init__()
         self.first_user = first_user
-        self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std=0.1, device=device)
+        self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std=init_std, device=device)
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Global user indices (B) -> B x n_items."""
@@ -135,8 +138,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     data = load_dataset(dataset_uri)
     n_users, n_items = data.n_users, data.n_items
     start, stop = user_range(n_users, rank, world)
-    whole = Student(n_users, n_items, cfg.dim)               # seeded as in one process; this rank keeps its rows
-    student = Student(stop - start, n_items, cfg.dim, first_user=start)
+    whole = Student(n_users, n_items, cfg.dim, init_std=cfg.init_std)   # seeded as in one process; this rank keeps its rows
+    student = Student(stop - start, n_items, cfg.dim, first_user=start, init_std=cfg.init_std)
     student.load_state_dict({USER_KEY: whole.state_dict()[USER_KEY][start:stop], ITEM_KEY: whole.state_dict()[ITEM_KEY]})
     del whole
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -148,17 +151,17 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     importance = rank_importance(100, cfg.temperature)
     dcfg = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
     stage = torch.zeros(stop - start, 0, dtype=torch.long)
-    last, n_stages = torch.zeros(stage.shape), 1
+    last, n_stages = torch.zeros(stage.shape, dtype=torch.float64), 1
 
     if cfg.method != "bpr":
         reader = TrajectoryReader(teacher_uris)
         lists = reader.trajectories(start, stop)                      # [U_local, T, S, K]
         n_stages = lists.shape[2]
         stage = torch.zeros(stop - start, lists.shape[1], dtype=torch.long)
-        if cfg.method == "ensemble":
+        if cfg.method == "final_ensemble":
             stage[:] = n_stages - 1
         observed_rank = _observed_ranking(reader.observed(start, stop), n_items, cfg.observed_size, importance)
-        last = torch.zeros(stage.shape)
+        last = torch.zeros(stage.shape, dtype=torch.float64)
     history, progress = [], []
     best, best_epoch, bad, best_state, first_epoch, resumes, spent = -1.0, 0, 0, None, 1, [], 0.0
     checkpoint_uri = storage.join(out, "checkpoint")
@@ -167,7 +170,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         student.load_state_dict(_rows(ckpt["student"], start, stop))
         best_state = _rows(ckpt["best_state"], start, stop)
         optimizer.load_state_dict(_optimizer_rows(ckpt["optimizer"], start, stop))
-        stage, last = ckpt["stage"][start:stop].clone(), ckpt["last"][start:stop].clone()
+        stage, last = ckpt["stage"][start:stop].clone(), ckpt["last"][start:stop].clone().double()
         history, progress = ckpt["history"], ckpt["progress"]
         best, best_epoch, bad = ckpt["best"], ckpt["best_epoch"], ckpt["bad"]
         resumes = ckpt["resumes"] + [ckpt["epoch"]]
@@ -194,7 +197,8 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(data.train.nnz if units is None else len(units))   # the same on every rank
         epoch_loss, t0 = 0.0, time.perf_counter()
-        phase = "bpr" if cfg.method == "bpr" else ("L_O" if distributed.any_over_ranks(stage < n_stages - 1) else "L_R")
+        switched = cfg.method != "bpr" and dkc.switched(_mean_stage(stage, n_users), n_stages, cfg.dkc_switch)
+        phase = "bpr" if cfg.method == "bpr" else ("L_R" if switched else "L_O")
         for lo in range(0, len(order), cfg.batch_size):
             rows = order[lo:lo + cfg.batch_size]
             batch_users = train_users[rows] if units is None else units[rows]
@@ -237,27 +241,23 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
             student.eval()
             with torch.no_grad():
                 valid = _evaluate(student.scores, data, "valid", ks, eval_users)
-                if cfg.method == "hetcomp" and distributed.any_over_ranks(stage < n_stages - 1):
+                if cfg.method == "hetcomp" and not switched:
                     top = torch.from_numpy(topk_items(student.scores, data.train, users=np.arange(start, stop),
                                                       k=dkc.DISCREPANCY_K).astype(np.int64))
-                    d_next = dkc.discrepancy(top, dkc.next_stage_lists(lists, stage))
                     if epoch == cfg.eval_every:
-                        last = d_next
+                        last = dkc.start(stage, top, lists)
                     else:
-                        moved = dkc.advance(stage, last, d_next, n_stages, dkc.threshold(epoch, dcfg))
-                        stage = stage + moved.long()
-                        changed = moved.any(1)
-                        if changed.any():
-                            users_changed = torch.nonzero(changed).squeeze(1)
-                            last[users_changed] = dkc.discrepancy(top[users_changed],
-                                                                  dkc.next_stage_lists(lists[users_changed], stage[users_changed]))
+                        before = stage
+                        stage, last = dkc.step(stage, last, top, lists, dkc.threshold(epoch, dcfg))
+                        users_changed = torch.nonzero((stage != before).any(1)).squeeze(1)
+                        if len(users_changed):
                             new_targets, new_weights = build(lists[users_changed], stage[users_changed])
                             targets[users_changed] = new_targets
                             if target_weights is not None:
                                 target_weights[users_changed] = new_weights
             stage_info = None
             if cfg.method != "bpr":
-                stage_info = {"mean_stage": (distributed.sum_over_ranks(stage.float().sum(0)) / n_users).tolist(),
+                stage_info = {"mean_stage": _mean_stage(stage, n_users),
                               "final_fraction": float(distributed.sum_over_ranks((stage == n_stages - 1).float().sum()) / stage.shape[1] / n_users)}
                 progress.append({"epoch": epoch, **stage_info})
             history.append({"epoch": epoch, "valid": valid, "loss": event["loss"], "phase": phase})
@@ -291,10 +291,13 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     with torch.no_grad():
         test = _evaluate(scorer, data, "test", ks, eval_users)
         valid = _evaluate(scorer, data, "valid", ks, eval_users)
+        stages = None if cfg.method == "bpr" else {
+            "epochs": dict(zip(teacher_uris, reader.stage_epochs())),
+            "ensemble_test": _stage_ensembles(lists, data, ks, eval_users, start, cfg.temperature)}
     metrics = {"method": cfg.method, "best_epoch": best_epoch, "epochs": history[-1]["epoch"] if history else 0,
                "train_seconds": train_seconds, "test": test, "valid": valid, "history": history,
                "dkc_progress": progress, "teachers": teacher_uris, "workers": world,
-               "resumed_from": resumes,
+               "resumed_from": resumes, "trajectory_stages": stages,
                "state_bytes": None if cfg.method == "bpr" else int(state_bytes)}
     full = _gather_rows(student.state_dict())
     if rank == 0:
@@ -304,6 +307,19 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     if world > 1:
         dist.barrier()
     return metrics
+
+
+def _stage_ensembles(lists: torch.Tensor, data: Dataset, ks: tuple[int, ...], users: np.ndarray, first: int,
+                     temperature: float) -> list[dict[str, float]]:
+    """Test metrics of the teachers' ensemble built from each trajectory stage alone (is stage 0 easier?)."""
+    ks = tuple(sorted(set(ks) | {50}))
+    return [_evaluate(shifted_scorer(ListScorer(lists[:, :, s], data.n_items, temperature), first), data, "test", ks, users)
+            for s in range(lists.shape[2])]
+
+
+def _mean_stage(stage: torch.Tensor, n_users: int) -> list[float]:
+    """Each teacher's mean stage over every rank's users (float64: the switch rule rounds it)."""
+    return (distributed.sum_over_ranks(stage.double().sum(0)) / n_users).tolist()
 
 
 def _evaluate(scorer, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:

@@ -584,6 +584,10 @@ class TrajectoryReader:
     def n_teachers(self) -> int:
         return len(self.uris)
 
+    def stage_epochs(self) -> list[list[int]]:
+        """Per teacher, the training epoch each trajectory stage's snapshot was taken at."""
+        return [[int(point["epoch"]) for point in m["trajectory"]] for m in self.manifests]
+
     def _check_range(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.n_users:
             raise ValueError(f"user range [{start}, {stop}) is not within [0, {self.n_users})")
