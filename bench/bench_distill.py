@@ -225,7 +225,8 @@ def make_size(base: Path, f: int, root: Path) -> dict:
 
 def run_loop(spec: dict, batch_unit: str, threads: int, out: str) -> dict:
     """The real distill() for one epoch (1x)."""
-    from hetcomp_dist.distill.train import DistillConfig, distill
+    from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.distill.train import distill
 
     cfg = DistillConfig(method="hetcomp", max_epochs=1, eval_every=1, checkpoint=False, threads=threads,
                         batch_unit=batch_unit)
@@ -246,7 +247,8 @@ def run_steps(spec: dict, args: argparse.Namespace) -> dict:
     from hetcomp_dist.data.dataset import load_dataset
     from hetcomp_dist.distill import akt, dissensus
     from hetcomp_dist.distill.ensemble import rank_importance
-    from hetcomp_dist.distill.train import DistillConfig, Student, _observed_ranking, _TargetBuilder
+    from hetcomp_dist.distill.config import DistillConfig
+    from hetcomp_dist.distill.train import Student, _observed_ranking, _TargetBuilder
     from hetcomp_dist.models import sampling
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 

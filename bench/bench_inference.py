@@ -69,7 +69,7 @@ def run_side(args) -> dict:
     from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
     from hetcomp_dist.distill.train import ITEM_KEY, USER_KEY
     from hetcomp_dist.evaluate import dot_scorer, topk_items
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
     from hetcomp_dist.teachers.load import load_teacher, parameter_count
 
     torch.set_num_threads(args.threads)
@@ -123,10 +123,9 @@ def _snapshot_agreement(cfg, top, n_items: int, importance) -> float:
     """Share of the first batch's top-50 also in the ensemble of the stored final snapshots."""
     from hetcomp_dist import storage
     from hetcomp_dist.distill.ensemble import ensemble_topk
-    from hetcomp_dist.teachers.train import teacher_uri
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
-    uris = [storage.join(teacher_uri(cfg.run, t.name), "trajectory") for t in cfg.teachers]
+    uris = [cfg.layout.trajectory(t.name) for t in cfg.teachers]
     lists = TrajectoryReader(uris).trajectories(0, len(top))[:, :, -1]
     stored = ensemble_topk(lists, n_items, TOP, importance)
     same = [len(set(a.tolist()) & set(b.tolist()) - {-1}) / max(1, (a >= 0).sum().item()) for a, b in zip(top, stored)]
@@ -197,7 +196,7 @@ def main() -> None:
         return
 
     from hetcomp_dist import config
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
 
     cfg = config.load(RunConfig, args.config, args.set)
     uri = student_uri(cfg, args.student)

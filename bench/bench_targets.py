@@ -50,7 +50,7 @@ def main() -> None:
     from hetcomp_dist.distill.ensemble import ensemble_scores, rank_importance
     from hetcomp_dist.distill.ensemble_eval import teacher_names, trajectory_uris
     from hetcomp_dist.evaluate import evaluate_sums
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
     torch.set_num_threads(args.threads)

@@ -286,22 +286,20 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
 
 def teachers_complete(cfg) -> bool:
     from hetcomp_dist import storage
-    from hetcomp_dist.teachers.train import teacher_uri
 
-    return all(storage.is_complete(storage.join(teacher_uri(cfg.run, t.name), "trajectory")) for t in cfg.teachers)
+    return all(storage.is_complete(cfg.layout.trajectory(t.name)) for t in cfg.teachers)
 
 
 def teacher_summaries(cfg) -> list[dict[str, Any]]:
     """Each teacher's summary: ``<run>/teachers/summary`` if complete, else its trajectory manifest's."""
     from hetcomp_dist import storage
-    from hetcomp_dist.teachers.train import teacher_uri
 
     uri = storage.join(cfg.run, "teachers", "summary")
     if storage.is_complete(uri):
         by_name = {s["teacher"]: s for s in storage.read_json(uri, "summary.json")}
         if all(t.name in by_name for t in cfg.teachers):
             return [by_name[t.name] for t in cfg.teachers]
-    return [storage.read_manifest(storage.join(teacher_uri(cfg.run, t.name), "trajectory"))["summary"]
+    return [storage.read_manifest(cfg.layout.trajectory(t.name))["summary"]
             for t in cfg.teachers]
 
 
@@ -334,7 +332,8 @@ def config_drift(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 def run_student(args, v: Variant, root: str) -> tuple[dict[str, Any], str]:
     """Train variant ``v`` unless its output is complete; returns (metrics.json, what happened)."""
     from hetcomp_dist import config, storage
-    from hetcomp_dist.pipeline import RunConfig, distill_run
+    from hetcomp_dist.pipeline import distill_run
+    from hetcomp_dist.run import RunConfig
 
     out = storage.join(root, v.key)
     overrides = [*args.set, f"distill.method={v.method}", f"distill.out={out}", *v.sets,
@@ -476,7 +475,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hetcomp_dist import config
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
 
     cfg = config.load(RunConfig, args.config, args.set)
     out_dir = Path(args.out or REPO / "bench" / "out" / (Path(args.config).stem + ("-quick" if args.quick else "")))

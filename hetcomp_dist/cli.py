@@ -118,7 +118,7 @@ def _train_teachers_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train_teachers(args: argparse.Namespace) -> None:
     from hetcomp_dist import config
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
     from hetcomp_dist.teachers.actors import TeachersFailed, format_summary, train_teachers
 
     cfg = config.load(RunConfig, args.config, args.overrides)
@@ -148,7 +148,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     import json
 
     from hetcomp_dist import config
-    from hetcomp_dist.pipeline import RunConfig, distill_run
+    from hetcomp_dist.pipeline import distill_run
+    from hetcomp_dist.run import RunConfig
 
     cfg = config.load(RunConfig, args.config, args.overrides)
     if cfg.storage.endpoint_url:
@@ -186,7 +187,7 @@ def _ensemble_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_ensemble(args: argparse.Namespace) -> None:
     from hetcomp_dist import config
     from hetcomp_dist.distill import ensemble_eval
-    from hetcomp_dist.pipeline import RunConfig
+    from hetcomp_dist.run import RunConfig
 
     cfg = config.load(RunConfig, args.config, args.overrides)
     if cfg.storage.endpoint_url:
@@ -222,7 +223,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     import time
 
     from hetcomp_dist import config
-    from hetcomp_dist.pipeline import RunConfig, run_pipeline
+    from hetcomp_dist.pipeline import run_pipeline
+    from hetcomp_dist.run import RunConfig
 
     cfg = config.load(RunConfig, args.config, args.overrides)
     t0 = time.perf_counter()

@@ -1,80 +1,21 @@
-"""The run config shared by the jobs, and the run layout under one URI.
-
-    <run>/dataset/                   prepared dataset (hetcomp prepare)
-    <run>/teachers/<name>/trajectory teacher trajectory (manifest written last)
-    <run>/teachers/<name>/checkpoints/epoch-N
-    <run>/teachers/summary/          all teachers' summaries (manifest)
-    <run>/ensemble/                  each teacher's final snapshot and their ensemble, evaluated (hetcomp ensemble)
-    <run>/distill/<method>/          student.pt, metrics.json, report.md, curves.png, stages.png (manifest)
-    <run>/report/                    the whole pipeline's table (run_pipeline, hetcomp demo)
-
-Each job reads the sections it needs; unknown keys anywhere are errors.
-"""
+"""The whole pipeline on one machine (hetcomp demo): prepare, teachers, ensemble, students, report."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import time
 
 from hetcomp_dist import storage
-from hetcomp_dist.data import prepare as prep
-from hetcomp_dist.distill.train import DistillConfig
-from hetcomp_dist.teachers.train import TeacherConfig, TrajectoryConfig
-
-
-@dataclass
-class DataConfig:
-    source: str                      # registry name or raw path/URI
-    protocol: str | None = None      # default: the source's
-    seed: int = 0
-    format: str | None = None
-
-
-@dataclass
-class StorageConfig:
-    endpoint_url: str | None = None  # S3-compatible endpoint; default from AWS_ENDPOINT_URL(_S3)
-
-
-@dataclass
-class RayConfig:
-    address: str | None = None       # None: join a running cluster if RAY_ADDRESS is set, else start locally
-    max_restarts: int = 3            # actor restarts after a crash (each resumes from its checkpoint)
-    num_cpus: int | None = None      # CPUs of a locally started Ray instance
-
-
-@dataclass
-class RunConfig:
-    run: str                         # run URI (path, file://, s3://)
-    data: DataConfig
-    teachers: list[TeacherConfig] = field(default_factory=list)
-    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
-    eval_batch_size: int = 1024
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    @property
-    def dataset_uri(self) -> str:
-        return storage.join(self.run, "dataset")
-
-
-def ensure_dataset(cfg: RunConfig, progress: bool = True) -> str:
-    """Prepare the run's dataset unless a complete one is already there; returns its URI."""
-    uri = cfg.dataset_uri
-    if not storage.is_complete(uri):
-        prep.prepare(cfg.data.source, uri, cfg.data.protocol, cfg.data.format, seed=cfg.data.seed, progress=progress)
-    return uri
+from hetcomp_dist.distill.ensemble_eval import evaluate_ensemble
+from hetcomp_dist.distill.train import distill
+from hetcomp_dist.run import RunConfig, ensure_dataset
+from hetcomp_dist.teachers.actors import train_teachers
 
 
 def distill_run(cfg: RunConfig, report=None) -> dict:
     """Distil the run's teachers into a student (single process); returns metrics.json's content."""
-    from hetcomp_dist.distill.train import distill
-    from hetcomp_dist.teachers.train import teacher_uri
-
-    names = cfg.distill.teachers or [t.name for t in cfg.teachers]
-    uris = [storage.join(teacher_uri(cfg.run, n), "trajectory") for n in names]
-    out = cfg.distill.out or storage.join(cfg.run, "distill", cfg.distill.method)
-    return distill(ensure_dataset(cfg), uris, cfg.distill, out, tuple(cfg.ks), report or (lambda e: None))
+    uris = cfg.layout.trajectories(cfg.teacher_names())
+    return distill(ensure_dataset(cfg), uris, cfg.distill, cfg.student_uri(), tuple(cfg.ks), report or (lambda e: None))
 
 
 def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), log=print) -> dict:
@@ -84,12 +25,6 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
     gaps) and times itself; ``<run>/report/`` gets report.md (one table: every teacher, the
     ensemble and each student on test) and results.json, with a manifest.
     """
-    import dataclasses
-    import time
-
-    from hetcomp_dist.distill.ensemble_eval import evaluate_ensemble
-    from hetcomp_dist.teachers.actors import train_teachers
-
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     ensure_dataset(cfg)
@@ -106,7 +41,7 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
 
     for method in methods:
         t0 = time.perf_counter()
-        out = storage.join(cfg.run, "distill", method)
+        out = cfg.layout.student(method)
         if not storage.is_complete(out):
             log(f"distilling: {method}")
             distill_run(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=method, out=out)))
@@ -114,7 +49,7 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
         seconds[f"student ({method})"] = time.perf_counter() - t0
 
     report = _pipeline_report(cfg, rows, seconds, ensemble["temperature"])
-    with storage.open_output(storage.join(cfg.run, "report"), kind="pipeline-report") as o:
+    with storage.open_output(cfg.layout.report, kind="pipeline-report") as o:
         o.write_bytes("report.md", report.encode())
         o.write_json("results.json", {"test": rows, "seconds": seconds})
     log(report)

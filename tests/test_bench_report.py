@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hetcomp_dist import config
-from hetcomp_dist.pipeline import RunConfig
+from hetcomp_dist.run import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")

@@ -15,7 +15,8 @@ import torch
 from hetcomp_dist import storage
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.data.prepare import prepare
-from hetcomp_dist.distill.train import DistillConfig, distill
+from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.distill.train import distill
 from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
 N_USERS, N_ITEMS, K = 60, 80, 20

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from hetcomp_dist import storage
-from hetcomp_dist.distill.train import DistillConfig, distill
+from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.distill.train import distill
 from test_distill import K, run  # noqa: F401  (the synthetic dataset + trajectories fixture)
 from procs import REPO, VENV_BIN, die_with_parent, run_with_local_ray
 from test_teachers_ray import ray_head  # noqa: F401  (the Ray head fixture)

@@ -16,9 +16,9 @@ from hetcomp_dist.config import ConfigError, from_dict
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.data.prepare import prepare
 from hetcomp_dist.distill import ensemble_eval
-from hetcomp_dist.pipeline import RunConfig
+from hetcomp_dist.run import RunConfig
 from hetcomp_dist.storage import StorageError
-from hetcomp_dist.teachers.train import teacher_uri
+from hetcomp_dist.run import RunLayout
 from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
 N_USERS, N_ITEMS, K = 40, 120, 50
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     prepare(str(root / "log.parquet"), storage.join(run_uri, "dataset"), progress=False)
     data = load_dataset(storage.join(run_uri, "dataset"))
     for t, name in enumerate(TEACHERS):
-        uri = storage.join(teacher_uri(run_uri, name), "trajectory")
+        uri = RunLayout(run_uri).trajectory(name)
         writer = TrajectoryWriter(uri, model=name, n_users=data.n_users, k=K, n_items=data.n_items,
                                   row_group_users=16)
         for stage, epoch in enumerate((1, 2, 3, 4)):
@@ -183,7 +183,7 @@ def test_missing_trajectory_is_a_one_line_error(run, tmp_path, capsys):
                                     "teachers": [{"name": n, "model": "bpr_mf"} for n in (*TEACHERS, "ghost")]}))
     assert cli.main(["ensemble", "--config", str(conf), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    expected_uri = storage.join(teacher_uri(run_uri, "ghost"), "trajectory")
+    expected_uri = RunLayout(run_uri).trajectory("ghost")
     assert len(err.splitlines()) == 1
     assert err.startswith("hetcomp ensemble: error: teacher 'ghost'") and expected_uri in err
     with pytest.raises(StorageError, match="ghost"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from hetcomp_dist import config, storage
-from hetcomp_dist.pipeline import RunConfig
+from hetcomp_dist.run import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

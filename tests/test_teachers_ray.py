@@ -31,10 +31,11 @@ import yaml
 
 from hetcomp_dist import config, storage
 from hetcomp_dist.cli import main
-from hetcomp_dist.pipeline import RunConfig
+from hetcomp_dist.run import RunConfig
 from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
-from hetcomp_dist.teachers.train import TeacherConfig, _checkpoint_epochs, _latest_checkpoint
+from hetcomp_dist.teachers.config import TeacherConfig
+from hetcomp_dist.teachers.train import _checkpoint_epochs, latest_checkpoint
 from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning, run_with_local_ray
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -137,7 +138,7 @@ def test_lr_decays_at_each_evaluation_without_improvement(tmp_path: Path, datase
     values = [h["metrics"]["recall@20"] for h in history]
     misses = sum(v <= max(values[:i], default=-1.0) for i, v in enumerate(values))
     assert len(values) == 8 and 0 < misses < 8, values
-    state = _latest_checkpoint(out)
+    state = latest_checkpoint(out)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** misses)]
 
 
@@ -157,7 +158,7 @@ def test_min_delta_stops_on_small_gains_but_keeps_the_best_state(tmp_path: Path,
     history = storage.read_manifest(storage.join(out, "trajectory"))["history"]
     values = [h["metrics"]["recall@20"] for h in history]
     assert len(values) == 3, values                  # one improvement (from nothing), then 2 below min_delta
-    state = _latest_checkpoint(out)
+    state = latest_checkpoint(out)
     assert state["loop"]["best_epoch"] == 1 + values.index(max(values))
     assert state["loop"]["best"] == pytest.approx(max(values))
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** 2)]
@@ -173,10 +174,10 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_di
         first = tiny_teacher("bpr_mf", max_epochs=4, eval_every=1)
         assert main(["train-teachers", "--config", str(write_config(tmp_path / "a.yaml", run, [first])), "--sequential"]) == 0
         assert _checkpoint_epochs(out) == [4]
-        assert _latest_checkpoint(out, TeacherConfig(**{**first, "threads": 2})) is not None
-        assert _latest_checkpoint(out, TeacherConfig(**{**first, "max_epochs": 9, "patience": 1})) is not None
+        assert latest_checkpoint(out, TeacherConfig(**{**first, "threads": 2})) is not None
+        assert latest_checkpoint(out, TeacherConfig(**{**first, "max_epochs": 9, "patience": 1})) is not None
         second = {**first, "lr": 0.02, "max_epochs": 2}
-        assert _latest_checkpoint(out, TeacherConfig(**second)) is None
+        assert latest_checkpoint(out, TeacherConfig(**second)) is None
         assert main(["train-teachers", "--config", str(write_config(tmp_path / "b.yaml", run, [second])), "--sequential"]) == 0
     finally:
         torch.set_num_threads(threads)

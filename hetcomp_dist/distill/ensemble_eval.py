@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -35,12 +35,10 @@ from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.distill.ensemble import ListScorer, shifted_scorer
 from hetcomp_dist.evaluate import RankingSums, evaluate_sums
+from hetcomp_dist.run import RunConfig
 from hetcomp_dist.storage import StorageError
-from hetcomp_dist.teachers.train import teacher_uri
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
-if TYPE_CHECKING:
-    from hetcomp_dist.pipeline import RunConfig
 
 ENSEMBLE = "ensemble"
 KIND = "ensemble-evaluation"
@@ -50,9 +48,9 @@ SPLITS = ("test", "valid")
 DEFAULT_BLOCK_USERS = 16384      # a multiple of the trajectories' row groups (4096 users by default)
 
 
-def teacher_names(cfg: "RunConfig") -> list[str]:
+def teacher_names(cfg: RunConfig) -> list[str]:
     """The evaluated teachers: ``distill.teachers`` if set, else every teacher of the run config."""
-    names = list(cfg.distill.teachers) or [t.name for t in cfg.teachers]
+    names = cfg.teacher_names()
     if not names:
         raise ConfigError("no teachers: the run config lists none (teachers: [...] or distill.teachers)")
     if len(set(names)) != len(names):
@@ -60,9 +58,9 @@ def teacher_names(cfg: "RunConfig") -> list[str]:
     return names
 
 
-def trajectory_uris(cfg: "RunConfig", names: list[str]) -> list[str]:
+def trajectory_uris(cfg: RunConfig, names: list[str]) -> list[str]:
     """Each teacher's trajectory URI; a StorageError naming it if its trajectory is not complete."""
-    uris = [storage.join(teacher_uri(cfg.run, n), "trajectory") for n in names]
+    uris = cfg.layout.trajectories(names)
     for name, uri in zip(names, uris):
         if not storage.is_complete(uri):
             raise StorageError(f"teacher {name!r}: no complete trajectory at {uri} "
@@ -70,7 +68,7 @@ def trajectory_uris(cfg: "RunConfig", names: list[str]) -> list[str]:
     return uris
 
 
-def evaluate_ensemble(cfg: "RunConfig", temperature: float | None = None,
+def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
                       block_users: int = DEFAULT_BLOCK_USERS,
                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate each teacher's final snapshot and the ensemble of all of them on valid and test.

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hetcomp_dist import storage
-from hetcomp_dist.pipeline import RunConfig, ensure_dataset
+from hetcomp_dist.ray_cluster import init_ray
+from hetcomp_dist.run import RunConfig, ensure_dataset
 
 
 def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
@@ -47,15 +48,11 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hetcomp_dist.teachers.actors import _init_ray
-    from hetcomp_dist.teachers.train import teacher_uri
-
     d = cfg.distill
-    names = d.teachers or [t.name for t in cfg.teachers]
-    uris = [storage.join(teacher_uri(cfg.run, n), "trajectory") for n in names]
-    out = d.out or storage.join(cfg.run, "distill", d.method)
+    uris = cfg.layout.trajectories(cfg.teacher_names())
+    out = cfg.student_uri()
     dataset_uri = ensure_dataset(cfg)
-    started = _init_ray(cfg.ray)
+    started = init_ray(cfg.ray)
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
         trainer = TorchTrainer(

@@ -16,15 +16,16 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import secrets
 import sys
 import time
 from typing import Any, Callable
 
 from hetcomp_dist import models, storage
 from hetcomp_dist.config import ConfigError, to_dict
-from hetcomp_dist.pipeline import RayConfig, RunConfig, ensure_dataset
-from hetcomp_dist.teachers.train import TeacherConfig, same_settings, teacher_uri, train_teacher
+from hetcomp_dist.ray_cluster import init_ray
+from hetcomp_dist.run import RunConfig, ensure_dataset
+from hetcomp_dist.teachers.config import TeacherConfig
+from hetcomp_dist.teachers.train import same_settings, train_teacher
 
 Event = dict[str, Any]
 SUMMARY = "summary"
@@ -52,7 +53,7 @@ class TeacherActor:
         def report(event: Event) -> None:  # waits for the box, so every event is in before train() returns
             ray.get(events.push.remote({**event, "pid": os.getpid()}))
 
-        return train_teacher(teacher, dataset_uri, teacher_uri(cfg.run, teacher.name), cfg.trajectory,
+        return train_teacher(teacher, dataset_uri, cfg.layout.teacher(teacher.name), cfg.trajectory,
                              tuple(cfg.ks), cfg.eval_batch_size, report)
 
 
@@ -142,13 +143,13 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     todo = [t for t in cfg.teachers if t.name not in results]
     if sequential:
         for t in todo:
-            results[t.name] = train_teacher(t, dataset_uri, teacher_uri(cfg.run, t.name), cfg.trajectory,
+            results[t.name] = train_teacher(t, dataset_uri, cfg.layout.teacher(t.name), cfg.trajectory,
                                             tuple(cfg.ks), cfg.eval_batch_size, report)
     elif todo:
         results.update(_train_on_ray(cfg, todo, dataset_uri, report))
 
     summaries = [results[n] for n in names]
-    with storage.open_output(storage.join(cfg.run, "teachers", SUMMARY), kind="teacher-summary",
+    with storage.open_output(cfg.layout.teachers_summary, kind="teacher-summary",
                              config=to_dict(cfg)) as out:
         out.write_json("summary.json", summaries)
     return summaries
@@ -176,7 +177,7 @@ def _check_teachers(cfg: RunConfig) -> None:
 
 def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] | None:
     """The summary in a complete trajectory written with the same teacher and trajectory settings, else None."""
-    uri = storage.join(teacher_uri(cfg.run, teacher.name), "trajectory")
+    uri = cfg.layout.trajectory(teacher.name)
     if not storage.is_complete(uri):
         return None
     m = storage.read_manifest(uri)
@@ -192,7 +193,7 @@ def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: st
                   report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
     import ray
 
-    started = _init_ray(cfg.ray)
+    started = init_ray(cfg.ray)
     if started == "local":  # a fixed-size instance: a teacher asking for more would wait forever
         have = ray.cluster_resources()
         for t in teachers:
@@ -234,28 +235,3 @@ def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: st
             ray.kill(actor)
         if started:
             ray.shutdown()
-
-
-def _init_ray(rc: RayConfig) -> str | None:
-    """Connect to ``rc.address`` / $RAY_ADDRESS ("remote") or start a local instance ("local"); None if connected already."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    address = rc.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return "remote"
-    # A local instance: keep Ray's token authentication, but with a token of this process in the
-    # environment (Ray's processes inherit it) rather than a generated ~/.ray/auth_token, which would
-    # switch a later `ray start` in the same HOME to token auth. An explicit RAY_AUTH_* setting wins.
-    if not any(os.environ.get(v) for v in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_urlsafe(32)
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = auth_log.level
-    auth_log.setLevel(logging.ERROR)  # "token authentication is enabled" is what we want: no warning
-    try:
-        ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
-    finally:
-        auth_log.setLevel(level)
-    return "local"

@@ -13,7 +13,9 @@ import torch
 from hetcomp_dist import models
 from hetcomp_dist.data.dataset import Dataset
 from hetcomp_dist.storage import StorageError
-from hetcomp_dist.teachers.train import TeacherConfig, _latest_checkpoint, teacher_uri
+from hetcomp_dist.run import RunLayout
+from hetcomp_dist.teachers.config import TeacherConfig
+from hetcomp_dist.teachers.train import latest_checkpoint
 
 
 def load_teacher(cfg: TeacherConfig, run: str, data: Dataset, best: bool = True) -> torch.nn.Module:
@@ -26,9 +28,10 @@ def load_teacher(cfg: TeacherConfig, run: str, data: Dataset, best: bool = True)
         StorageError: no complete checkpoint under ``<run>/teachers/<name>/checkpoints``.
     """
     # the same loader the trainer resumes from, so both agree on which checkpoint is current
-    state = _latest_checkpoint(teacher_uri(run, cfg.name))
+    where = RunLayout(run).teacher(cfg.name)
+    state = latest_checkpoint(where)
     if state is None:
-        raise StorageError(f"teacher {cfg.name!r}: no complete checkpoint under {teacher_uri(run, cfg.name)}")
+        raise StorageError(f"teacher {cfg.name!r}: no complete checkpoint under {where}")
     model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
     model.load_state_dict(state["best_model"] if best and state.get("best_model") is not None else state["model"])
     return model.eval()

@@ -20,44 +20,11 @@ import torch
 from hetcomp_dist import models, storage
 from hetcomp_dist.data.dataset import Interactions, load_dataset
 from hetcomp_dist.evaluate import evaluate_split, topk_items
+from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
 from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
 
-@dataclass
-class TeacherConfig:
-    """One teacher. ``model`` is a registry name; ``params`` its hyper-parameters (checked)."""
-
-    name: str
-    model: str
-    params: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 4096
-    max_epochs: int = 200
-    eval_every: int = 5
-    patience: int = 5             # evaluations without improvement of select_metric
-    min_delta: float = 0.0        # smaller gains keep the best state but count as "no improvement" (patience, lr_decay)
-    lr_decay: float = 1.0         # multiply the learning rate by this at each evaluation without improvement
-    max_seconds: float = 0.0      # > 0: evaluate and stop after the epoch that reaches this much training + evaluation time
-    select_metric: str = "recall@20"
-    seed: int = 0
-    threads: int = 1              # torch intra-op threads
-    cpus: float = 1.0             # Ray resources of the teacher's actor
-    gpus: float = 0.0
-
-
-@dataclass
-class TrajectoryConfig:
-    k: int = 100
-    fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
-    observed_k: int = 100
-
-
 Report = Callable[[dict[str, Any]], None]
-
-
-def teacher_uri(run: str, name: str) -> str:
-    return storage.join(run, "teachers", name)
 
 
 def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: TrajectoryConfig = TrajectoryConfig(),
@@ -74,7 +41,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     eval_users = data.eval_users()
 
-    state = _latest_checkpoint(out, cfg)
+    state = latest_checkpoint(out, cfg)
     traj_uri = storage.join(out, "trajectory")
     traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
                      observed_k=trajectory.observed_k)
@@ -227,7 +194,7 @@ def _checkpoint_epochs(out: str) -> list[int]:
     return sorted(int(n.split("-")[1]) for n in names if n.startswith("epoch-"))
 
 
-def _latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, Any] | None:
+def latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, Any] | None:
     """The newest complete checkpoint (weights-only load), or None; with ``cfg``, only one written under it."""
     for epoch in reversed(_checkpoint_epochs(out)):
         uri = _checkpoint_uri(out, epoch)

@@ -1,0 +1,46 @@
+"""The student's settings (the ``distill`` section of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DistillConfig:
+    method: Literal["hetcomp", "final_ensemble", "bpr"] = "hetcomp"
+    teachers: list[str] = field(default_factory=list)   # default: every teacher of the run config
+    dim: int = 6
+    init_std: float = 0.01           # embeddings start as N(0, init_std^2), as in the authors' code
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
+    batch_unit: Literal["interactions", "users"] = "interactions"   # users: batches of batch_size users, each once per epoch (KD only)
+    max_epochs: int = 1000
+    max_seconds: float = 0.0         # > 0: stop at the first evaluation after this much time (budgeted runs, the demo)
+    eval_every: int = 10             # also the DKC period p
+    patience: int = 5                # evaluations without valid improvement
+    select_metric: str = "recall@50"
+    target_size: int = 100           # |T_u|
+    observed_size: int = 10          # |P_u|
+    lo_weight: float = 0.01
+    lr_weight: float = 0.005
+    temperature: float = 10.0        # rank importance exp(-r / temperature)
+    alpha: float = 1.05
+    decay: float = 0.995
+    dkc_switch: Literal["reference", "strict"] = "reference"   # when L_R replaces L_O (dkc.switched)
+    score_clamp: float = 40.0
+    # Debiasing (ALGORITHM.md §7); 0 switches each off, and they combine.
+    dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
+    dissensus_rule: Literal["consensus", "contested", "popularity"] = "consensus"  # strategy A's discount (dissensus.py)
+    dissensus_weight: float = 0.0    # strategy B, gamma: up-weight target items few teachers agree on (and niche)
+    ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by pop(i)^-eta (mean 1 per user)
+    pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
+    sampled_negatives: int = 0       # 0: exact softmax over all unobserved items; n: n uniform samples, log-Q corrected
+    seed: int = 0
+    threads: int = 2
+    out: str | None = None           # default: <run>/distill/<method>
+    checkpoint: bool = True          # write <out>/checkpoint at every evaluation, resume from it
+    workers: int = 1                 # Ray Train workers (hetcomp distill --ray, jobs/distill.py)
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0

@@ -1,0 +1,138 @@
+"""A run: its config (every section of a run YAML) and its layout under one URI.
+
+    <run>/dataset/                      prepared dataset (hetcomp prepare)
+    <run>/teachers/<name>/trajectory/   a teacher's trajectory (manifest written last)
+    <run>/teachers/<name>/checkpoints/  its checkpoints (epoch-N, the newest two kept)
+    <run>/teachers/summary/             every teacher's summary
+    <run>/ensemble/                     each teacher's final snapshot and their ensemble, evaluated
+    <run>/distill/<method>/             student.pt, metrics.json, report.md, plots (manifest)
+    <run>/report/                       the whole pipeline's table (hetcomp demo)
+    <run>/tensorboard/<name>/           training curves (TensorBoard event files)
+
+Every URI of a run is computed here. Names that become path components (teachers, methods) are
+checked, so that no name from a config can leave the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetcomp_dist import storage
+from hetcomp_dist.config import ConfigError
+from hetcomp_dist.data import prepare as prep
+from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
+
+
+@dataclass
+class DataConfig:
+    source: str                      # registry name or raw path/URI
+    protocol: str | None = None      # default: the source's
+    seed: int = 0
+    format: str | None = None
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None  # S3-compatible endpoint; default from AWS_ENDPOINT_URL(_S3)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None       # None: join a running cluster if RAY_ADDRESS is set, else start locally
+    max_restarts: int = 3            # actor restarts after a crash (each resumes from its checkpoint)
+    num_cpus: int | None = None      # CPUs of a locally started Ray instance
+
+
+@dataclass
+class RunConfig:
+    run: str                         # run URI (path, file://, s3://)
+    data: DataConfig
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    eval_batch_size: int = 1024
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run)
+
+    @property
+    def dataset_uri(self) -> str:
+        return self.layout.dataset
+
+    def teacher_names(self) -> list[str]:
+        """The teachers the student distils: ``distill.teachers``, else every configured teacher."""
+        return list(self.distill.teachers) or [t.name for t in self.teachers]
+
+    def student_uri(self) -> str:
+        return self.distill.out or self.layout.student(self.distill.method)
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one path component, else a ConfigError naming ``what``."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or name != name.strip() or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"{what}: {name!r} is not a valid name (one path component: no '/', '\\', "
+                          "'..', control characters or surrounding spaces, not empty)")
+    return name
+
+
+class RunLayout:
+    """Every location of a run, from its URI."""
+
+    def __init__(self, run: str):
+        self.run = str(run).rstrip("/")
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.run, *parts)
+
+    @property
+    def dataset(self) -> str:
+        return self._at("dataset")
+
+    def teacher(self, name: str) -> str:
+        return self._at("teachers", check_name(name, "teacher name"))
+
+    def trajectory(self, name: str) -> str:
+        return storage.join(self.teacher(name), "trajectory")
+
+    def trajectories(self, names: list[str]) -> list[str]:
+        return [self.trajectory(n) for n in names]
+
+    def teacher_checkpoints(self, name: str) -> str:
+        return storage.join(self.teacher(name), "checkpoints")
+
+    @property
+    def teachers_summary(self) -> str:
+        return self._at("teachers", "summary")
+
+    @property
+    def ensemble(self) -> str:
+        return self._at("ensemble")
+
+    def student(self, method: str) -> str:
+        return self._at("distill", check_name(method, "distill.method"))
+
+    @property
+    def report(self) -> str:
+        return self._at("report")
+
+    def tensorboard(self, name: str) -> str:
+        return self._at("tensorboard", check_name(name, "tensorboard run name"))
+
+
+def configure_storage(cfg: RunConfig) -> None:
+    """Apply the run's storage settings to this process (each entry point calls it once)."""
+    storage.configure(endpoint_url=cfg.storage.endpoint_url)
+
+
+def ensure_dataset(cfg: RunConfig, progress: bool = True) -> str:
+    """Prepare the run's dataset unless a complete one is already there; returns its URI."""
+    uri = cfg.dataset_uri
+    if not storage.is_complete(uri):
+        prep.prepare(cfg.data.source, uri, cfg.data.protocol, cfg.data.format, seed=cfg.data.seed, progress=progress)
+    return uri
