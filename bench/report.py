@@ -322,11 +322,17 @@ def ensemble_metrics(cfg) -> tuple[dict[str, Any], str]:
     return ensemble_eval.evaluate_ensemble(every), "computed here (hetcomp_dist.distill.ensemble_eval)"
 
 
-def config_drift(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Settings of a stored student that differ from the wanted ones (worker layout ignored)."""
-    ignore = {"out", "threads", "workers", "cpus_per_worker", "gpus_per_worker", "checkpoint"}
-    wanted = json.loads(json.dumps(wanted))
-    return sorted(k for k in set(stored) | set(wanted) if k not in ignore and stored.get(k) != wanted.get(k))
+DRIFT_IGNORES = ("out", "threads", "workers", "cpus_per_worker", "gpus_per_worker", "checkpoint")
+
+
+def config_drift(stored: dict[str, Any], wanted) -> list[str]:
+    """Settings of a stored student that differ from the wanted DistillConfig (worker layout ignored;
+    config.differences: fields added since take their defaults; an unreadable config differs in all)."""
+    from hetcomp_dist import config
+    from hetcomp_dist.distill.config import DistillConfig
+
+    drift = config.differences(DistillConfig, stored, wanted, DRIFT_IGNORES)
+    return ["<unreadable stored config>"] if drift is None else drift
 
 
 def run_student(args, v: Variant, root: str) -> tuple[dict[str, Any], str]:
@@ -340,8 +346,7 @@ def run_student(args, v: Variant, root: str) -> tuple[dict[str, Any], str]:
                  *(args.bpr_set if v.method == "bpr" else ()), *(QUICK_SETS if args.quick else ())]
     cfg = config.load(RunConfig, args.config, overrides)
     if storage.is_complete(out):
-        stored = {**dataclasses.asdict(type(cfg.distill)()), **storage.read_manifest(out).get("config", {})}
-        drift = config_drift(stored, dataclasses.asdict(cfg.distill))   # fields added since: their defaults
+        drift = config_drift(storage.read_manifest(out).get("config", {}), cfg.distill)
         if not drift or not args.redo_stale:
             note = f"reused {out}" + (f" (differs from the asked config in {', '.join(drift)}; "
                                       "--redo-stale retrains)" if drift else "")

@@ -7,6 +7,7 @@ defaults. Each component owns a small dataclass; a run config composes them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -114,3 +115,27 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def _plain(config: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))   # tuples -> lists, as stored
+
+
+def differences(cls: type[T], stored: Any, current: T, ignore: tuple[str, ...] = ()) -> list[str] | None:
+    """The fields (not in ``ignore``) where a stored config differs from ``current``.
+
+    The one rule for "is this the same run": ``stored`` (a config as written to storage) is read
+    with :func:`from_dict`, so a field added since it was written takes its default (a new option
+    never invalidates finished work) and an unknown key or a wrong type makes it unreadable: None.
+    """
+    try:
+        then = from_dict(cls, stored, "stored config")
+    except ConfigError:
+        return None
+    a, b = _plain(then), _plain(current)
+    return sorted(k for k in a if k not in ignore and a[k] != b.get(k))
+
+
+def compatible(cls: type[T], stored: Any, current: T, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``stored`` equals ``current`` outside ``ignore`` (see :func:`differences`)."""
+    return differences(cls, stored, current, ignore) == []

@@ -116,7 +116,9 @@ def test_readme_splice_refuses_broken_markers(text):
 
 def test_config_drift_ignores_layout_and_names_changed_settings():
     stored = {"method": "hetcomp", "ipw": 0.0, "out": "a", "threads": 2, "teachers": ["MF"]}
-    wanted = {"method": "hetcomp", "ipw": 0.5, "out": "b", "threads": 4, "teachers": ("MF",)}
+    from hetcomp_dist.distill.config import DistillConfig
+
+    wanted = DistillConfig(method="hetcomp", ipw=0.5, out="b", threads=4, teachers=["MF"])
     assert report.config_drift(stored, wanted) == ["ipw"]
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import pytest
 
+from hetcomp_dist import config
 from hetcomp_dist.config import ConfigError, load
 
 
@@ -56,3 +57,18 @@ def test_missing_required_and_missing_file(tmp_path):
         load(Run, None, [])
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load(Run, tmp_path / "nope.yaml")
+
+
+def test_compatible_is_one_rule_built_on_from_dict():
+    from hetcomp_dist.distill.config import DistillConfig
+
+    now = DistillConfig(lr=0.01, threads=2)
+    assert config.compatible(DistillConfig, {"lr": 0.01, "threads": 1}, now, ignore=("threads",))
+    assert config.differences(DistillConfig, {"lr": 0.01, "threads": 1}, now) == ["threads"]
+    # a field added since the config was stored takes its default; a field set away from it differs
+    assert config.compatible(DistillConfig, {"lr": 0.01}, now, ignore=("threads",))
+    assert config.differences(DistillConfig, {"lr": 0.01}, DistillConfig(lr=0.01, ipw=0.5)) == ["ipw"]
+    # unreadable stored configs (unknown key, wrong type, not a mapping) are never compatible
+    for stored in ({"lr": 0.01, "gone": 1}, {"lr": "fast"}, None, []):
+        assert config.differences(DistillConfig, stored, now) is None
+        assert not config.compatible(DistillConfig, stored, now)

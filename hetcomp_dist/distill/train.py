@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hetcomp_dist import distributed, storage
+from hetcomp_dist import config, distributed, storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import akt, baselines, dissensus, dkc
 from hetcomp_dist.distill.config import DistillConfig
@@ -315,25 +315,19 @@ def _optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, A
     return out
 
 
-_RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_seconds")
+# Settings a checkpoint may be resumed under when they differ: where and how long it runs.
+RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_seconds",
+                     "out", "checkpoint")
 
 
 def _run_config(cfg: DistillConfig) -> dict[str, Any]:
-    """The settings a checkpoint must agree on to be resumed (not the worker count)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_IGNORES}
+    """The settings stored with a checkpoint."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_IGNORES}
 
 
 def _same_run(uri: str, cfg: DistillConfig) -> bool:
-    """Whether the checkpoint at ``uri`` was written under ``cfg``'s settings; a field added to
-    DistillConfig since it was written counts as its default (else every new switch would restart
-    every run in flight)."""
-    import json
-
-    stored = storage.read_manifest(uri).get("config")
-    if not isinstance(stored, dict):
-        return False
-    plain = lambda c: json.loads(json.dumps(_run_config(c)))   # noqa: E731 (tuples -> lists, as stored)
-    return {**plain(DistillConfig()), **stored} == plain(cfg)
+    """Whether the checkpoint at ``uri`` was written under ``cfg``'s settings (config.compatible)."""
+    return config.compatible(DistillConfig, storage.read_manifest(uri).get("config"), cfg, RESUMABLE_IGNORES)
 
 
 def _save_checkpoint(uri: str, cfg: DistillConfig, rank: int, state: dict[str, Any]) -> None:

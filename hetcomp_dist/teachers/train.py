@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from hetcomp_dist import models, storage
+from hetcomp_dist import config, models, storage
 from hetcomp_dist.data.dataset import Interactions, load_dataset
 from hetcomp_dist.evaluate import evaluate_split, topk_items
 from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
@@ -158,20 +158,9 @@ def _run_settings(cfg: TeacherConfig, ignore: tuple[str, ...] = _RESOURCES) -> d
 
 
 def same_settings(stored: Any, cfg: TeacherConfig, resuming: bool = False) -> bool:
-    """Whether ``stored`` (a teacher config as written to storage) trains the same teacher as ``cfg``.
-
-    Fields added to TeacherConfig since it was written take their defaults (a new option must not
-    invalidate finished teachers); resources may differ, and with ``resuming`` the stopping rules;
-    anything else, or an unknown field, differs.
-    """
-    if not isinstance(stored, dict):
-        return False
-    try:
-        then = TeacherConfig(**stored)
-    except TypeError:
-        return False
-    ignore = _RESOURCES + (_STOPPING if resuming else ())
-    return _run_settings(then, ignore) == _run_settings(cfg, ignore)
+    """Whether ``stored`` (a teacher config as written to storage) trains the same teacher as ``cfg``
+    (config.compatible): resources may differ, and with ``resuming`` the stopping rules."""
+    return config.compatible(TeacherConfig, stored, cfg, _RESOURCES + (_STOPPING if resuming else ()))
 
 
 def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, Any]) -> None:
