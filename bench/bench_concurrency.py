@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def config_for(base: dict, run: str, epochs: int, eval_every: int, threads: int | None = None) -> dict:
     data = dict(base, run=run)
-    data["teachers"] = [dict(t, max_epochs=epochs, eval_every=eval_every, patience=1000, max_seconds=0)
+    data["teachers"] = [dict(t, max_epochs=epochs, eval_every=eval_every, patience=1000, max_train_seconds=0)
                         for t in base["teachers"]]
     if threads:                                            # one teacher at a time may use every core
         for t in data["teachers"]:

@@ -35,7 +35,8 @@ from hetcomp_dist.run import RunConfig
 from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
 from hetcomp_dist.teachers.config import TeacherConfig
-from hetcomp_dist.teachers.train import _checkpoint_epochs, latest_checkpoint
+from hetcomp_dist.loop import Checkpointer
+from hetcomp_dist.teachers.train import latest_checkpoint
 from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning, run_with_local_ray
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -159,8 +160,8 @@ def test_min_delta_stops_on_small_gains_but_keeps_the_best_state(tmp_path: Path,
     values = [h["metrics"]["recall@20"] for h in history]
     assert len(values) == 3, values                  # one improvement (from nothing), then 2 below min_delta
     state = latest_checkpoint(out)
-    assert state["loop"]["best_epoch"] == 1 + values.index(max(values))
-    assert state["loop"]["best"] == pytest.approx(max(values))
+    assert state["stopping"]["best_epoch"] == 1 + values.index(max(values))
+    assert state["stopping"]["best"] == pytest.approx(max(values))
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.2 * 0.5 ** 2)]
 
 
@@ -173,7 +174,7 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_di
     try:
         first = tiny_teacher("bpr_mf", max_epochs=4, eval_every=1)
         assert main(["train-teachers", "--config", str(write_config(tmp_path / "a.yaml", run, [first])), "--sequential"]) == 0
-        assert _checkpoint_epochs(out) == [4]
+        assert _checkpoint_epochs(out) == [3, 4]        # the newest two: a crash mid-write keeps one
         assert latest_checkpoint(out, TeacherConfig(**{**first, "threads": 2})) is not None
         assert latest_checkpoint(out, TeacherConfig(**{**first, "max_epochs": 9, "patience": 1})) is not None
         second = {**first, "lr": 0.02, "max_epochs": 2}
@@ -183,8 +184,12 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, datasets_di
         torch.set_num_threads(threads)
     history = storage.read_manifest(storage.join(out, "trajectory"))["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert _checkpoint_epochs(out) == [2]
+    assert _checkpoint_epochs(out) == [1, 2]
     assert storage.read_manifest(storage.join(out, "checkpoints", "epoch-000002"))["config"]["teacher"]["lr"] == 0.02
+
+
+def _checkpoint_epochs(out: str) -> list[int]:
+    return Checkpointer(storage.join(out, "checkpoints"), "teacher-checkpoint", {}, lambda s: True).epochs()
 
 
 @pytest.mark.parametrize("teachers, message", [

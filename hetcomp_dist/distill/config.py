@@ -17,7 +17,7 @@ class DistillConfig:
     batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
     batch_unit: Literal["interactions", "users"] = "interactions"   # users: batches of batch_size users, each once per epoch (KD only)
     max_epochs: int = 1000
-    max_seconds: float = 0.0         # > 0: stop at the first evaluation after this much time (budgeted runs, the demo)
+    max_train_seconds: float = 0.0   # > 0: stop at the first evaluation after this much training time (evaluation not counted)
     eval_every: int = 10             # also the DKC period p
     patience: int = 5                # evaluations without valid improvement
     select_metric: str = "recall@50"

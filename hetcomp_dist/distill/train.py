@@ -237,7 +237,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
                     "train_seconds": time.perf_counter() - start_time})
             event.update(valid=value, best=best, stages=stage_info)
             report(event)
-            if bad >= cfg.patience or (cfg.max_seconds and time.perf_counter() - start_time > cfg.max_seconds):
+            if bad >= cfg.patience or (cfg.max_train_seconds and time.perf_counter() - start_time > cfg.max_train_seconds):
                 break
         else:
             report(event)
@@ -316,7 +316,7 @@ def _optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, A
 
 
 # Settings a checkpoint may be resumed under when they differ: where and how long it runs.
-RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_seconds",
+RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_train_seconds",
                      "out", "checkpoint")
 
 

@@ -21,7 +21,7 @@ class TeacherConfig:
     patience: int = 5             # evaluations without improvement of select_metric
     min_delta: float = 0.0        # smaller gains keep the best state but count as "no improvement" (patience, lr_decay)
     lr_decay: float = 1.0         # multiply the learning rate by this at each evaluation without improvement
-    max_seconds: float = 0.0      # > 0: evaluate and stop after the epoch that reaches this much training + evaluation time
+    max_train_seconds: float = 0.0  # > 0: evaluate and stop after the epoch that reaches this much training time (evaluation not counted)
     select_metric: str = "recall@20"
     seed: int = 0
     threads: int = 1              # torch intra-op threads

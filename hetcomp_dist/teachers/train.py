@@ -1,28 +1,28 @@
-"""Train one teacher: the flat loop, with valid evaluation, trajectory snapshots and checkpoints.
+"""Train one teacher: the loop, with valid evaluation, trajectory snapshots and checkpoints.
 
-Resumable: each evaluation writes the snapshot, then a checkpoint (model, optimiser, loop state)
-under ``<teacher>/checkpoints/epoch-N``; a restarted run loads the newest complete checkpoint and
-the trajectory writer drops snapshots taken after it, so the trajectory has no duplicates.
-Batches are drawn from an RNG seeded by (seed, epoch), so a resumed epoch sees the same batches.
+Resumable: each evaluation writes the snapshot, then a checkpoint (model, optimiser, stopping
+state) through :class:`hetcomp_dist.loop.Checkpointer` under ``<teacher>/checkpoints``; a restarted
+run loads the newest complete checkpoint and the trajectory writer drops snapshots taken after it,
+so the trajectory has no duplicates. Batches are drawn from an RNG seeded by (seed, epoch), so a
+resumed epoch sees the same batches.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from hetcomp_dist import config, models, storage
-from hetcomp_dist.data.dataset import Interactions, load_dataset
+from hetcomp_dist.data.dataset import Dataset, Interactions, load_dataset
 from hetcomp_dist.evaluate import evaluate_split, topk_items
+from hetcomp_dist.loop import Checkpointer, Stopping
 from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
 from hetcomp_dist.teachers.trajectory import TrajectoryWriter
-
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -39,82 +39,122 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    eval_users = data.eval_users()
+    stopping = Stopping(cfg.patience, cfg.min_delta, cfg.max_train_seconds)
+    checkpoints = checkpointer(out, cfg)
+    epoch, best_model, writer = _resume(checkpoints, model, optimizer, stopping, out, cfg, data, trajectory, report)
+    evaluate = _Evaluator(data, ks, eval_batch_size, trajectory.k)
 
-    state = latest_checkpoint(out, cfg)
-    traj_uri = storage.join(out, "trajectory")
-    traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
-                     observed_k=trajectory.observed_k)
-    if state is None:
-        storage.remove(storage.join(out, "checkpoints"))  # another config's: never resumed, nor kept
-        loop = {"epoch": 0, "best_epoch": 0, "best": -1.0, "bad_evals": 0, "train_seconds": 0.0}
-        best_model = None
-        writer = TrajectoryWriter(traj_uri, **traj_args, config=asdict(cfg), overwrite=True)
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        loop, best_model = state["loop"], state["best_model"]
-        writer = TrajectoryWriter.resume(traj_uri, loop["epoch"], **traj_args, config=asdict(cfg))
-        report({"teacher": cfg.name, "event": "resumed", "epoch": loop["epoch"]})
-
-    for epoch in range(loop["epoch"] + 1, cfg.max_epochs + 1):
-        model.train()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        rng = np.random.default_rng([cfg.seed, epoch])
-        start, total, n = time.perf_counter(), 0.0, 0
-        for batch in model.batches(data.train, cfg.batch_size, rng):
-            loss = model.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.after_step()
-            total, n = total + loss.item(), n + 1
-        loop["train_seconds"] += time.perf_counter() - start
-        event = {"teacher": cfg.name, "event": "epoch", "epoch": epoch, "loss": total / max(n, 1),
-                 "epoch_seconds": time.perf_counter() - start}
-        out_of_time = 0 < cfg.max_seconds <= loop.get("seconds", 0.0) + time.perf_counter() - start
-        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time:  # out of time: last evaluation
-            model.eval()
-            with torch.no_grad():
-                scorer = model.scorer()
-                metrics = evaluate_split(scorer, data, "valid", ks, eval_batch_size, users=eval_users)
-                writer.write_snapshot(epoch, metrics, _snapshot_batches(scorer, data.train, trajectory.k, eval_batch_size))
-            value = metrics[cfg.select_metric]
-            improved = value > loop["best"] + cfg.min_delta
-            if value > loop["best"]:
-                loop.update(best=value, best_epoch=epoch)
+    for epoch in range(epoch + 1, cfg.max_epochs + 1):
+        before = stopping.train_seconds
+        with stopping.timing("train"):
+            loss = _train_epoch(model, optimizer, data.train, cfg, epoch)
+        event = {"teacher": cfg.name, "event": "epoch", "epoch": epoch, "loss": loss,
+                 "epoch_seconds": stopping.train_seconds - before}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or stopping.out_of_time:
+            value = evaluate.snapshot(model, writer, epoch, cfg.select_metric, stopping)
+            new_best, improved = stopping.update(epoch, value)
+            if new_best:
                 best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if improved:
-                loop["bad_evals"] = 0
-            else:
-                loop["bad_evals"] += 1
+            if not improved:
                 for group in optimizer.param_groups:  # saved with the optimizer, so a resumed run keeps it
                     group["lr"] *= cfg.lr_decay
-            loop["epoch"] = epoch
-            loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start  # with evaluations
-            _save_checkpoint(out, epoch, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "loop": dict(loop), "best_model": best_model})
-            event.update(valid=value, best=loop["best"], best_epoch=loop["best_epoch"])
+            with stopping.timing("snapshot"):
+                checkpoints.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "epoch": epoch, "stopping": stopping.state_dict(), "best_model": best_model})
+            event.update(valid=value, best=stopping.best, best_epoch=stopping.best_epoch)
             report(event)
-            if loop["bad_evals"] >= cfg.patience or 0 < cfg.max_seconds <= loop["seconds"]:
+            if stopping.done:
                 break
         else:
-            loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - start
             report(event)
 
     model.load_state_dict(best_model)
-    model.eval()
-    with torch.no_grad():
-        scorer = model.scorer()
-        test = evaluate_split(scorer, data, "test", ks, eval_batch_size, users=eval_users)
-        valid = evaluate_split(scorer, data, "valid", ks, eval_batch_size, users=eval_users)
-        summary = {"teacher": cfg.name, "model": cfg.model, "best_epoch": loop["best_epoch"],
-                   "epochs_trained": loop["epoch"], "train_seconds": loop["train_seconds"],
-                   "valid": valid, "test": test}
-        writer.finish(_observed_batches(scorer, data.train, trajectory.observed_k, eval_batch_size),
-                      trajectory.fractions, cfg.select_metric, extra={"summary": summary})
+    summary = evaluate.finish(model, writer, cfg, stopping, epoch, trajectory)
     report({"teacher": cfg.name, "event": "done", **summary})
     return summary
+
+
+def checkpointer(out: str, cfg: TeacherConfig) -> Checkpointer:
+    """The teacher's checkpoints: resumed under the same settings (resources and stopping rules aside)."""
+    return Checkpointer(storage.join(out, "checkpoints"), "teacher-checkpoint", {"teacher": _run_settings(cfg)},
+                        lambda stored: same_settings(stored.get("teacher"), cfg, resuming=True))
+
+
+def _resume(checkpoints: Checkpointer, model, optimizer, stopping: Stopping, out: str, cfg: TeacherConfig,
+            data: Dataset, trajectory: TrajectoryConfig, report: Report):
+    """(last epoch done, best weights, trajectory writer): from the newest checkpoint, or a fresh start."""
+    traj_uri = storage.join(out, "trajectory")
+    traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
+                     observed_k=trajectory.observed_k, config=asdict(cfg))
+    state = checkpoints.load()
+    if state is None:
+        checkpoints.clear()  # another config's: never resumed, nor kept
+        return 0, None, TrajectoryWriter(traj_uri, **traj_args, overwrite=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    epoch = _load_loop_state(state, stopping)
+    report({"teacher": cfg.name, "event": "resumed", "epoch": epoch})
+    return epoch, state["best_model"], TrajectoryWriter.resume(traj_uri, epoch, **traj_args)
+
+
+def _load_loop_state(state: dict[str, Any], stopping: Stopping) -> int:
+    """The epoch a checkpoint was written at; its stopping state loaded (also from the older format)."""
+    if "stopping" in state:
+        stopping.load_state_dict(state["stopping"])
+        return state["epoch"]
+    loop = state["loop"]                 # checkpoints written before the loop kit
+    stopping.load_state_dict({"best": loop["best"], "best_epoch": loop["best_epoch"], "bad": loop["bad_evals"],
+                              "train_seconds": loop["train_seconds"]})
+    return loop["epoch"]
+
+
+def _train_epoch(model, optimizer, train: Interactions, cfg: TeacherConfig, epoch: int) -> float:
+    """One pass over the train interactions; returns the mean batch loss."""
+    model.train()
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    rng = np.random.default_rng([cfg.seed, epoch])
+    total, n = 0.0, 0
+    for batch in model.batches(train, cfg.batch_size, rng):
+        loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.after_step()
+        total, n = total + loss.item(), n + 1
+    return total / max(n, 1)
+
+
+class _Evaluator:
+    """Valid evaluation with the trajectory snapshot, and the final test evaluation."""
+
+    def __init__(self, data: Dataset, ks: tuple[int, ...], batch_size: int, k: int):
+        self.data, self.ks, self.batch_size, self.k = data, ks, batch_size, k
+        self.users = data.eval_users()
+
+    def snapshot(self, model, writer: TrajectoryWriter, epoch: int, metric: str, stopping: Stopping) -> float:
+        model.eval()
+        with torch.no_grad():
+            scorer = model.scorer()
+            with stopping.timing("eval"):
+                metrics = evaluate_split(scorer, self.data, "valid", self.ks, self.batch_size, users=self.users)
+            with stopping.timing("snapshot"):
+                writer.write_snapshot(epoch, metrics, _snapshot_batches(scorer, self.data.train, self.k, self.batch_size))
+        return metrics[metric]
+
+    def finish(self, model, writer: TrajectoryWriter, cfg: TeacherConfig, stopping: Stopping, epoch: int,
+               trajectory: TrajectoryConfig) -> dict[str, Any]:
+        """Test and valid metrics of the best model; the trajectory finished with its observed ranking."""
+        model.eval()
+        with torch.no_grad():
+            scorer = model.scorer()
+            test = evaluate_split(scorer, self.data, "test", self.ks, self.batch_size, users=self.users)
+            valid = evaluate_split(scorer, self.data, "valid", self.ks, self.batch_size, users=self.users)
+            summary = {"teacher": cfg.name, "model": cfg.model, "best_epoch": stopping.best_epoch,
+                       "epochs_trained": epoch, "train_seconds": stopping.train_seconds,
+                       "seconds": stopping.seconds(), "valid": valid, "test": test}
+            writer.finish(_observed_batches(scorer, self.data.train, trajectory.observed_k, self.batch_size),
+                          trajectory.fractions, cfg.select_metric, extra={"summary": summary})
+        return summary
 
 
 def _snapshot_batches(scorer, train: Interactions, k: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -142,15 +182,11 @@ def _observed_batches(scorer, train: Interactions, width: int, batch_size: int) 
         yield users, ranked.astype(np.int32)
 
 
-def _checkpoint_uri(out: str, epoch: int) -> str:
-    return storage.join(out, "checkpoints", f"epoch-{epoch:06d}")
-
-
 # Settings that change where or how fast a teacher trains, not what it computes: they may differ
 # between a finished teacher and the config asking for it. A checkpoint may also be resumed under other
 # stopping rules (train a run further, or stop it where it is): the epochs before the stop are the same.
 _RESOURCES = ("threads", "cpus", "gpus")
-_STOPPING = ("max_epochs", "max_seconds", "patience", "min_delta")
+_STOPPING = ("max_epochs", "max_train_seconds", "patience", "min_delta")
 
 
 def _run_settings(cfg: TeacherConfig, ignore: tuple[str, ...] = _RESOURCES) -> dict[str, Any]:
@@ -163,34 +199,8 @@ def same_settings(stored: Any, cfg: TeacherConfig, resuming: bool = False) -> bo
     return config.compatible(TeacherConfig, stored, cfg, _RESOURCES + (_STOPPING if resuming else ()))
 
 
-def _save_checkpoint(out: str, epoch: int, cfg: TeacherConfig, state: dict[str, Any]) -> None:
-    """Write the checkpoint of ``epoch`` (complete once its manifest exists), then drop older ones."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with storage.open_output(_checkpoint_uri(out, epoch), kind="teacher-checkpoint",
-                             config={"epoch": epoch, "teacher": _run_settings(cfg)}) as o:
-        o.write_bytes("state.pt", buffer.getvalue())
-    for older in _checkpoint_epochs(out):
-        if older < epoch:
-            storage.remove(_checkpoint_uri(out, older))
-
-
-def _checkpoint_epochs(out: str) -> list[int]:
-    fs, path = storage.filesystem(storage.join(out, "checkpoints"))
-    if not fs.exists(path):
-        return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return sorted(int(n.split("-")[1]) for n in names if n.startswith("epoch-"))
-
-
 def latest_checkpoint(out: str, cfg: TeacherConfig | None = None) -> dict[str, Any] | None:
-    """The newest complete checkpoint (weights-only load), or None; with ``cfg``, only one written under it."""
-    for epoch in reversed(_checkpoint_epochs(out)):
-        uri = _checkpoint_uri(out, epoch)
-        if not storage.is_complete(uri):
-            continue
-        if cfg is not None and not same_settings(storage.read_manifest(uri)["config"].get("teacher"), cfg, resuming=True):
-            return None
-        return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
-    return None
-
+    """The newest complete checkpoint of the teacher at ``out`` (weights-only load), or None; with
+    ``cfg``, only one written under compatible settings."""
+    compatible = (lambda stored: True) if cfg is None else checkpointer(out, cfg).compatible
+    return Checkpointer(storage.join(out, "checkpoints"), "teacher-checkpoint", {}, compatible).load()
