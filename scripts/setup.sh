@@ -19,11 +19,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [[ $gpu == 0 ]]; then
   "${pip[@]}" --no-deps -r requirements/cpu.lock
 else
-  # GPU hosts: the same lock without the CPU torch/fbgemm pair, then the CUDA pair with its
-  # nvidia-* runtime wheels (resolved by pip; fbgemm-gpu 1.8.0 is built for torch 2.13 only).
-  grep -vE '^(torch|fbgemm_gpu-cpu)==' requirements/cpu.lock > .venv/gpu-rest.lock
-  "${pip[@]}" --no-deps -r .venv/gpu-rest.lock
-  "${pip[@]}" torch==2.13.0 fbgemm-gpu==1.8.0
+  # GPU hosts: cpu.lock's pins with the CUDA torch/fbgemm-gpu pair and their nvidia-* runtime
+  # wheels, resolved once into gpu.lock (fbgemm-gpu 1.8.0 is built for torch 2.13 only).
+  "${pip[@]}" --no-deps -r requirements/gpu.lock
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray, pyarrow, s3fs; print(f"stack ok: torch {torch.__version__}, torchrec, ray {ray.__version__}, pyarrow {pyarrow.__version__}")'
