@@ -10,7 +10,7 @@
     <run>/tensorboard/<name>/           training curves (TensorBoard event files)
 
 Every URI of a run is computed here. Names that become path components (teachers, methods) are
-checked, so that no name from a config can leave the run.
+checked when the config is loaded and again here, so that no name from a config can leave the run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hetcomp_dist import storage
-from hetcomp_dist.config import ConfigError
+from hetcomp_dist.config import Where, check_metric, check_name, check_ranges, check_unique, check_uri
+from hetcomp_dist.data import formats
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
@@ -31,6 +32,15 @@ class DataConfig:
     seed: int = 0
     format: str | None = None
 
+    def validate(self, where: Where) -> None:
+        if not self.source.strip():
+            raise where.at("source").error("must name a registered dataset or a path, got ''")
+        if self.protocol is not None and self.protocol not in prep.PROTOCOLS:
+            raise where.at("protocol").error(f"{self.protocol!r} is not one of {list(prep.PROTOCOLS)}")
+        if self.format is not None and self.format not in formats.FORMATS:
+            raise where.at("format").error(f"{self.format!r} is not one of {list(formats.FORMATS)}")
+        check_ranges(self, where, ("seed >= 0",))
+
 
 @dataclass
 class StorageConfig:
@@ -42,6 +52,9 @@ class RayConfig:
     address: str | None = None       # None: join a running cluster if RAY_ADDRESS is set, else start locally
     max_restarts: int = 3            # actor restarts after a crash (each resumes from its checkpoint)
     num_cpus: int | None = None      # CPUs of a locally started Ray instance
+
+    def validate(self, where: Where) -> None:
+        check_ranges(self, where, ("max_restarts >= -1", "num_cpus >= 1"))   # -1: restart without limit (Ray's)
 
 
 @dataclass
@@ -71,14 +84,17 @@ class RunConfig:
     def student_uri(self) -> str:
         return self.distill.out or self.layout.student(self.distill.method)
 
-
-def check_name(name: str, what: str) -> str:
-    """``name`` if it is safe as one path component, else a ConfigError naming ``what``."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or name != name.strip() or any(ord(c) < 32 for c in name)):
-        raise ConfigError(f"{what}: {name!r} is not a valid name (one path component: no '/', '\\', "
-                          "'..', control characters or surrounding spaces, not empty)")
-    return name
+    def validate(self, where: Where) -> None:
+        """The cross-section rules (each section has checked itself): ks, unique teachers, metrics' K in ks."""
+        check_uri(where.at("run"), self.run)
+        if not self.ks:
+            raise where.at("ks").error("must list at least one cutoff")
+        check_ranges(self, where, ("ks >= 1", "eval_batch_size >= 1"))
+        check_unique(where.at("ks"), [str(k) for k in self.ks])
+        check_unique(where.at("teachers"), [t.name for t in self.teachers])
+        for i, t in enumerate(self.teachers):
+            check_metric(where.at("teachers").at(i).at("select_metric"), t.select_metric, self.ks)
+        check_metric(where.at("distill").at("select_metric"), self.distill.select_metric, self.ks)
 
 
 class RunLayout:

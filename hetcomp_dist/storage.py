@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +34,10 @@ _VERSIONED = ("hetcomp_dist", "torch", "torchrec", "fbgemm_gpu-cpu", "fbgemm-gpu
 
 
 class StorageError(RuntimeError):
-    """A location is missing, incomplete (no manifest) or fails verification."""
+    """A location is missing, incomplete (no manifest), fails verification or cannot be written."""
+
+    def __init__(self, message: str):
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message).strip()))  # the CLI prints one line
 
 
 def configure(endpoint_url: str | None = None, **s3_options: Any) -> None:
@@ -47,6 +51,8 @@ def configure(endpoint_url: str | None = None, **s3_options: Any) -> None:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the filesystem for ``uri`` and the path inside it."""
     uri = str(uri)
+    if not uri.strip() or uri.strip() in ("s3://", "file://"):
+        raise StorageError(f"{uri!r}: an empty location (give a path, file://path or s3://bucket/prefix)")
     if uri.startswith("s3://"):
         options = dict(_S3_OPTIONS)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -65,6 +71,56 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def join(uri: str, *names: str) -> str:
     """Join URI parts with '/', for any scheme."""
     return "/".join([str(uri).rstrip("/"), *[n.strip("/") for n in names]])
+
+
+def is_component(name: str) -> bool:
+    """Whether ``name`` is safe as one path component: not empty, ``.`` or ``..``; no ``/``, ``\\``,
+    control characters or surrounding spaces."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and name == name.strip() and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+def child(prefix: str, name: str) -> str:
+    """``prefix/name`` for a relative ``name`` of safe components; StorageError if it would leave ``prefix``.
+
+    Part names read from manifests and progress records come through here before anything is
+    read, written or deleted, so a tampered name (``../../x``, ``/etc/x``, a symbolic link
+    planted below the prefix) cannot reach outside the output.
+    """
+    if not isinstance(name, str) or not all(is_component(c) for c in name.split("/")):
+        raise StorageError(f"{prefix}: part name {name!r} is not a relative path inside it "
+                           "(no '..', leading '/', empty or control-character components)")
+    uri = join(prefix, name)
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        base = os.path.realpath(filesystem(prefix)[1])
+        if os.path.commonpath([base, os.path.realpath(path)]) != base:
+            raise StorageError(f"{uri}: resolves outside {prefix} (through a symbolic link)")
+    return uri
+
+
+def check_writable(uri: str) -> None:
+    """Refuse early (StorageError) a local output location that cannot be written: a file where its
+    folder should be, or a read-only folder. Object stores are checked when written."""
+    fs, path = filesystem(uri)
+    if not _is_local(fs):
+        return
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:  # the nearest existing ancestor
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise StorageError(f"{uri}: {probe} is a file, not a folder (cannot write an output there)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"{uri}: {probe} is not writable")
+
+
+@contextlib.contextmanager
+def _writing(uri: str) -> Iterator[None]:
+    """The storage's own OSErrors (read-only place, a file in the way) as one-line StorageErrors."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot write ({e.strerror or e})") from None
 
 
 def exists(uri: str) -> bool:
@@ -134,10 +190,13 @@ class Output:
         """Open part ``name`` (a relative path) for binary writing; recorded in the manifest on close."""
         if name in self.parts or name == MANIFEST:
             raise StorageError(f"part {name!r} written twice to {self.uri}")
-        fs, path = filesystem(join(self.uri, name))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        where = child(self.uri, name)
+        fs, path = filesystem(where)
         self.parts[name] = {"rows": None}  # reserved now so a failure still cleans it up
-        with fs.open(path, "wb") as raw:
+        with _writing(where):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            raw = fs.open(path, "wb")
+        with raw:
             hashed = _HashingFile(raw)
             yield hashed
         self.parts[name].update(bytes=hashed.nbytes, sha256=hashed.sha256.hexdigest())
@@ -169,8 +228,8 @@ class Output:
 
     def _abort(self) -> None:
         for name in self.parts:
-            fs, path = filesystem(join(self.uri, name))
-            with contextlib.suppress(FileNotFoundError, OSError):
+            with contextlib.suppress(FileNotFoundError, OSError, StorageError):
+                fs, path = filesystem(child(self.uri, name))
                 fs.rm(path)
 
 
@@ -181,11 +240,12 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def _rename_into_place(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # an output with no parts has no folder yet
     try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)  # an atomic rename locally; on S3 the final PUT/copy is atomic per object
+        with _writing(path):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # an output with no parts has no folder yet
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)  # an atomic rename locally; on S3 the final PUT/copy is atomic per object
     except BaseException:
         with contextlib.suppress(FileNotFoundError, OSError):
             fs.rm(tmp)
@@ -235,11 +295,14 @@ def write_part(uri: str, name: str) -> Iterator[_HashingFile]:
     """
     if name == MANIFEST:
         raise StorageError(f"{uri}: {MANIFEST} is not a part")
-    fs, path = filesystem(join(uri, name))
-    if _is_local(fs):  # object stores have no folders (and the call costs a request)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    where = child(uri, name)
+    fs, path = filesystem(where)
+    with _writing(where):
+        if _is_local(fs):  # object stores have no folders (and the call costs a request)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        raw = fs.open(path, "wb")
     try:
-        with fs.open(path, "wb") as raw:
+        with raw:
             hashed = _HashingFile(raw)
             yield hashed
     except BaseException:
@@ -264,7 +327,8 @@ def open_output(uri: str, kind: str, config: dict[str, Any] | None = None) -> It
     """
     fs, path = filesystem(join(uri, MANIFEST))
     if fs.exists(path):
-        fs.rm(path)
+        with _writing(uri):
+            fs.rm(path)
     out = Output(uri=str(uri), kind=kind, config=dict(config or {}))
     try:
         yield out
@@ -299,7 +363,7 @@ def _part_entry(uri: str, name: str, manifest: dict[str, Any] | None) -> dict[st
 def read_bytes(uri: str, name: str, manifest: dict[str, Any] | None = None) -> bytes:
     """Read a whole part and check its size and sha256 against the manifest."""
     entry = _part_entry(uri, name, manifest)
-    fs, path = filesystem(join(uri, name))
+    fs, path = filesystem(child(uri, name))
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
@@ -331,7 +395,7 @@ def parquet_file(uri: str, name: str, manifest: dict[str, Any] | None = None, *,
     manifest again; ``wrap`` wraps the raw file (e.g. to count bytes read).
     """
     entry = entry if entry is not None else _part_entry(uri, name, manifest)
-    where = join(uri, name)
+    where = child(uri, name)
     fs, path = filesystem(where)
     try:
         size = fs.size(path)

@@ -36,15 +36,15 @@ def test_load_yaml_with_overrides(tmp_path):
 def test_unknown_key_names_file_and_path(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("name: demo\nopt:\n  lr: 0.1\n  momentum: 0.9\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml\.opt: unknown key\(s\) momentum for Opt"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: opt: unknown key\(s\) momentum for Opt"):
         load(Run, path)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("epochs=ten", r"config\.epochs: expected int, got 'ten'"),
-    ("epochs=true", r"config\.epochs: expected int, got True"),
-    ("opt.kind=rmsprop", r"config\.opt\.kind: 'rmsprop' is not one of"),
-    ("ks=[1, x]", r"config\.ks\[1\]: expected int"),
+    ("epochs=ten", r"config: epochs: expected int, got 'ten'"),
+    ("epochs=true", r"config: epochs: expected int, got True"),
+    ("opt.kind=rmsprop", r"config: opt\.kind: 'rmsprop' is not one of"),
+    ("ks=[1, x]", r"config: ks\[1\]: expected int"),
     ("epochs", r"expected key\.path=value"),
 ])
 def test_bad_values(override, message):

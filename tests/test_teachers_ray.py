@@ -194,10 +194,11 @@ def _checkpoint_epochs(out: str) -> list[int]:
 
 @pytest.mark.parametrize("teachers, message", [
     ([], "no teachers"),
-    ([tiny_teacher("bpr_mf"), tiny_teacher("bpr_mf")], "teacher names must be unique"),
-    ([tiny_teacher("bpr_mf", model="bpr")], "teacher bpr_mf: unknown model 'bpr' (registered: "),
-    ([tiny_teacher("bpr_mf", params={"dims": 8})], "teacher bpr_mf: params of bpr_mf: "),
-    ([tiny_teacher("bpr_mf", select_metric="recall@10")], "select_metric 'recall@10' must be recall@K or ndcg@K"),
+    ([tiny_teacher("bpr_mf"), tiny_teacher("bpr_mf")], "c.yaml: teachers: must be unique, 'bpr_mf' repeated"),
+    ([tiny_teacher("bpr_mf", model="bpr")], "c.yaml: teachers[0].model: unknown model 'bpr' (registered: "),
+    ([tiny_teacher("bpr_mf", params={"dims": 8})], "c.yaml: teachers[0].params: not accepted by bpr_mf: "),
+    ([tiny_teacher("bpr_mf", select_metric="recall@10")],
+     "c.yaml: teachers[0].select_metric: must be recall@K or ndcg@K with K in ks [20, 50], got 'recall@10'"),
 ])
 def test_bad_teacher_list_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture,
                                               teachers: list, message: str) -> None:

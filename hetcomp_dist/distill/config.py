@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from hetcomp_dist.config import Where, check_metric, check_name, check_ranges, check_unique, check_uri
 
 
 @dataclass
@@ -44,3 +46,22 @@ class DistillConfig:
     workers: int = 1                 # Ray Train workers (hetcomp distill --ray, jobs/distill.py)
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
+
+    RANGES: ClassVar[tuple[str, ...]] = (
+        "dim >= 1", "init_std > 0", "lr > 0", "weight_decay >= 0", "batch_size >= 1", "max_epochs >= 1",
+        "max_train_seconds >= 0", "eval_every >= 1", "patience >= 1", "target_size >= 1", "observed_size >= 1",
+        "lo_weight >= 0", "lr_weight >= 0", "temperature > 0", "alpha > 0", "decay > 0", "decay <= 1",
+        "score_clamp > 0", "dissensus_target >= 0", "dissensus_weight >= 0", "ipw >= 0", "pop_penalty >= 0",
+        "sampled_negatives >= 0", "seed >= 0", "threads >= 1", "workers >= 1", "cpus_per_worker >= 0",
+        "gpus_per_worker >= 0")
+
+    def validate(self, where: Where) -> None:
+        """Ranges and names on their own; ``select_metric``'s K against the run's ks is RunConfig's check."""
+        check_ranges(self, where, self.RANGES)
+        check_metric(where.at("select_metric"), self.select_metric)
+        check_name(self.method, where.at("method"))
+        for i, name in enumerate(self.teachers):
+            check_name(name, where.at("teachers").at(i))
+        check_unique(where.at("teachers"), self.teachers)
+        if self.out is not None:
+            check_uri(where.at("out"), self.out)

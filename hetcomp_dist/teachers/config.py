@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from hetcomp_dist.config import Where, check_metric, check_name, check_ranges
 
 
 @dataclass
@@ -28,9 +31,35 @@ class TeacherConfig:
     cpus: float = 1.0             # Ray resources of the teacher's actor
     gpus: float = 0.0
 
+    RANGES: ClassVar[tuple[str, ...]] = (
+        "lr > 0", "weight_decay >= 0", "batch_size >= 1", "max_epochs >= 1", "eval_every >= 1", "patience >= 1",
+        "min_delta >= 0", "lr_decay > 0", "max_train_seconds >= 0", "seed >= 0", "threads >= 1", "cpus >= 0",
+        "gpus >= 0")
+
+    def validate(self, where: Where) -> None:
+        """Ranges, a safe name, a registered model that accepts ``params``; K of select_metric is RunConfig's."""
+        from hetcomp_dist import models   # torch and the model families: only once a teacher is configured
+
+        check_name(self.name, where.at("name"))
+        check_ranges(self, where, self.RANGES)
+        check_metric(where.at("select_metric"), self.select_metric)
+        if self.model not in models.MODELS:
+            raise where.at("model").error(f"unknown model {self.model!r} (registered: {', '.join(sorted(models.MODELS))})")
+        try:
+            inspect.signature(models.MODELS[self.model]).bind_partial(**self.params)
+        except TypeError as e:
+            raise where.at("params").error(f"not accepted by {self.model}: {e}") from None
+
 
 @dataclass
 class TrajectoryConfig:
     k: int = 100
     fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
     observed_k: int = 100
+
+    def validate(self, where: Where) -> None:
+        """k, observed_k >= 1; fractions in (0, 1] and strictly increasing (select_snapshots' rule)."""
+        check_ranges(self, where, ("k >= 1", "observed_k >= 1", "fractions > 0", "fractions <= 1"))
+        for i, (a, b) in enumerate(zip(self.fractions, self.fractions[1:])):
+            if b <= a:
+                raise where.at("fractions").at(i + 1).error(f"must be > the fraction before it ({a}), got {b}")

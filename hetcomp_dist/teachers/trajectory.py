@@ -316,6 +316,7 @@ class TrajectoryWriter:
                        compression=compression, overwrite=True)
         if progress.get("format") != PROGRESS_FORMAT:
             raise StorageError(f"{progress_uri}: not a trajectory progress record ({progress.get('format')!r})")
+        _check_parts(uri, progress_uri, progress)
         given = {"model": model, "n_users": n_users, "k": k, "n_items": n_items, "observed_k": observed_k}
         for key, value in given.items():
             if value is not None and value != progress[key]:
@@ -334,7 +335,7 @@ class TrajectoryWriter:
         self._save_progress()
         for e in dropped:
             if e.get("part"):
-                self._remove(storage.join(self.uri, e["part"]))
+                self._remove(storage.child(self.uri, e["part"]))
         return self
 
     # -- state
@@ -375,9 +376,11 @@ class TrajectoryWriter:
             except (FileNotFoundError, OSError):
                 continue
             for p in names:
-                if f"{folder}/{p.rstrip('/').rsplit('/', 1)[-1]}" not in keep:
-                    with contextlib.suppress(FileNotFoundError, OSError):
-                        fs.rm(p, recursive=True)
+                name = f"{folder}/{p.rstrip('/').rsplit('/', 1)[-1]}"
+                if name not in keep:
+                    with contextlib.suppress(FileNotFoundError, OSError, StorageError):
+                        leftover = storage.filesystem(storage.child(self.uri, name))[1]   # never outside uri
+                        fs.rm(leftover, recursive=True)
 
     def _write_part(self, name: str, label: str, width: int, batches: Iterable[Batch],
                     truncate: bool) -> dict[str, Any]:
@@ -424,7 +427,7 @@ class TrajectoryWriter:
         self._save_progress()
         for e in superseded:
             if e.get("part"):
-                self._remove(storage.join(self.uri, e["part"]))
+                self._remove(storage.child(self.uri, e["part"]))
         return record
 
     def finish(self, observed_batches: Iterable[Batch], fractions: Sequence[float] = DEFAULT_FRACTIONS,
@@ -469,19 +472,35 @@ class TrajectoryWriter:
                              for e in self._evaluations]
         self._save_progress(finished=True, observed=name)
         for part in dropped:
-            self._remove(storage.join(self.uri, part))
+            self._remove(storage.child(self.uri, part))
         self._remove_unreferenced(keep=parts)
         return manifest
+
+
+def _check_parts(uri: str, progress_uri: str, progress: Any) -> None:
+    """Every part a progress record names stays inside ``uri`` (checked before anything is removed)."""
+    evaluations = progress.get("evaluations") if isinstance(progress, dict) else None
+    if not isinstance(evaluations, list) or not all(isinstance(e, dict) for e in evaluations):
+        raise StorageError(f"{progress_uri}: no list of evaluations")
+    for e in evaluations:
+        if e.get("part") is not None:
+            try:
+                storage.child(uri, e["part"])
+            except StorageError as error:
+                raise StorageError(f"{progress_uri}: epoch {e.get('epoch')!r}: {error}") from None
 
 
 def _load_json(uri: str) -> dict[str, Any]:
     fs, path = storage.filesystem(uri)
     try:
-        return json.loads(fs.cat_file(path))
+        data = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         raise StorageError(f"{uri}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StorageError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise StorageError(f"{uri}: not a JSON object")
+    return data
 
 
 # ----------------------------------------------------------------------------- reading
