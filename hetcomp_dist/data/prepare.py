@@ -302,8 +302,10 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
             progress: bool = True, **protocol_options: Any) -> dict[str, Any]:
     """Prepare a dataset and write it under ``out``; returns meta.json's content.
 
-    Everything is validated before the first byte is written, so bad input writes nothing.
+    Everything is validated before the first byte is written, so bad input writes nothing; an
+    output location that cannot be written is refused before the input is read.
     """
+    storage.check_writable(out)
     source, default = resolve_source(name_or_path, fmt, columns, id_type, delimiter)
     proto = default_protocol(protocol or default, **protocol_options)
     extras = tuple(name for name, needed in (("timestamp", proto.name == "leave-last-out"),
