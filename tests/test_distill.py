@@ -130,12 +130,13 @@ def test_rerun_resumes_from_the_checkpoint_with_its_time(run, tmp_path):
     out = str(tmp_path / "resumed")
     with pytest.raises(_Crash):
         distill(ds_uri, uris, cfg, out, ks=(10, 20), report=crash_after_10)
-    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoint"), "state.pt")), weights_only=True)
-    assert ckpt["epoch"] == 10 and ckpt["train_seconds"] > 0
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoints", "epoch-000010"), "state.pt")),
+                      weights_only=True)
+    assert ckpt["epoch"] == 10 and ckpt["stopping"]["train_seconds"] > 0
     resumed = distill(ds_uri, uris, cfg, out, ks=(10, 20))
     straight = distill(ds_uri, uris, cfg, str(tmp_path / "straight"), ks=(10, 20))
     assert resumed["resumed_from"] == [10] and straight["resumed_from"] == []
-    assert resumed["train_seconds"] >= ckpt["train_seconds"]
+    assert resumed["train_seconds"] >= ckpt["stopping"]["train_seconds"]
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
     assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.02)
 
@@ -153,10 +154,10 @@ def test_checkpoint_written_before_a_new_field_still_resumes(run, tmp_path):
     out = str(tmp_path / "older")
     with pytest.raises(_Crash):
         distill(ds_uri, uris, cfg, out, ks=(10,), report=crash_after_first_eval)
-    manifest = Path(out) / "checkpoint" / "MANIFEST.json"
+    (manifest,) = (Path(out) / "checkpoints").glob("epoch-*/MANIFEST.json")
     written = json.loads(manifest.read_text())
-    epoch = written["epoch"]
-    del written["config"]["dissensus_rule"]            # as written before the field existed
+    epoch = written["config"]["epoch"]
+    del written["config"]["distill"]["dissensus_rule"]            # as written before the field existed
     manifest.write_text(json.dumps(written))
     done = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "max_epochs": epoch}), out, ks=(10,))
     assert done["resumed_from"] == [epoch] and done["epochs"] == epoch
@@ -166,3 +167,34 @@ def test_checkpoint_written_before_a_new_field_still_resumes(run, tmp_path):
         distill(ds_uri, uris, cfg, other, ks=(10,), report=crash_after_first_eval)
     changed = DistillConfig(**{**cfg.__dict__, "lr": cfg.lr * 2, "max_epochs": epoch})
     assert distill(ds_uri, uris, changed, other, ks=(10,))["resumed_from"] == []
+
+
+def test_single_slot_checkpoint_of_older_versions_still_resumes(run, tmp_path):
+    """Versions before the loop kit wrote one ``<out>/checkpoint`` with the loop state at the top level."""
+    from dataclasses import asdict
+
+    from hetcomp_dist.distill.train import RESUMABLE_IGNORES
+
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20})
+
+    def crash_after_10(event):
+        if event.get("epoch") == 10 and "valid" in event:
+            raise _Crash
+
+    out = str(tmp_path / "legacy")
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, out, ks=(10,), report=crash_after_10)
+    new = storage.join(out, "checkpoints", "epoch-000010")
+    state = torch.load(io.BytesIO(storage.read_bytes(new, "state.pt")), weights_only=True)
+    stopping = state.pop("stopping")
+    state.update(best=stopping["best"], best_epoch=stopping["best_epoch"], bad=stopping["bad"],
+                 train_seconds=stopping["train_seconds"])
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    old_config = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_IGNORES}
+    with storage.open_output(storage.join(out, "checkpoint"), kind="student-checkpoint", config=old_config) as o:
+        o.write_bytes("state.pt", buffer.getvalue())
+    storage.remove(storage.join(out, "checkpoints"))
+    done = distill(ds_uri, uris, cfg, out, ks=(10,))
+    assert done["resumed_from"] == [10] and [h["epoch"] for h in done["history"]] == [5, 10, 15, 20]

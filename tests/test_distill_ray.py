@@ -73,7 +73,7 @@ def test_two_workers_match_one_process(ray_run, tmp_path: Path) -> None:
     metrics = storage.read_json(out, "metrics.json")
     assert metrics["workers"] == 2 and metrics["resumed_from"] == []
     assert set(storage.read_manifest(out)["parts"]) == {"student.pt", "metrics.json", "report.md", "curves.png", "stages.png"}
-    assert not Path(out, "checkpoint").exists()  # removed once the outputs are written
+    assert not Path(out, "checkpoints").exists()  # removed once the outputs are written
     _same_metrics(metrics, single)
     assert metrics["test"]["n_users"] == single["test"]["n_users"]
     assert [p["final_fraction"] for p in metrics["dkc_progress"]] == \
@@ -84,8 +84,15 @@ def test_killed_worker_resumes_from_checkpoint(ray_run, tmp_path: Path) -> None:
     """Rank 1 SIGKILLs itself after the epoch-10 checkpoint; Ray Train restarts the group, which resumes."""
     run_dir, single = ray_run
     out, marker = str(tmp_path / "out"), tmp_path / "killed"
-    proc = _run_cli(tmp_path, run_dir, out, workers=2,
-                    HETCOMP_FAULT_KILL_EPOCH="10", HETCOMP_FAULT_MARKER=str(marker))
+    path = _config(tmp_path, run_dir, out, workers=2)
+    script = ("import sys; from hetcomp_dist import config; from hetcomp_dist.run import RunConfig; "
+              "from hetcomp_dist.distill.ray_job import distill_ray; from faults import KillOnce; "
+              f"distill_ray(config.load(RunConfig, {str(path)!r}), hooks=[KillOnce(10, {str(marker)!r})])")
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    proc = run_with_local_ray([str(VENV_BIN / "python"), "-c", script], cwd=tmp_path, timeout=500, HOME=str(home),
+                              PYTHONPATH=str(REPO / "tests"))   # the workers import the hook from tests/faults.py
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert marker.exists(), "the fault hook did not fire"
     metrics = storage.read_json(out, "metrics.json")
     assert metrics["resumed_from"] == [10]

@@ -96,17 +96,7 @@ def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
         raise ValueError(f"block_users must be >= 1, got {block_users}")
     names = teacher_names(cfg)
     uris = trajectory_uris(cfg, names)
-    if not storage.is_complete(cfg.dataset_uri):
-        raise StorageError(f"{cfg.dataset_uri}: no prepared dataset (run `hetcomp train-teachers` or "
-                           "`hetcomp prepare` for this run first)")
-    data = load_dataset(cfg.dataset_uri)
-    reader = TrajectoryReader(uris)
-    if reader.n_users != data.n_users:
-        raise StorageError(f"trajectories have {reader.n_users} users, the dataset at {cfg.dataset_uri} "
-                           f"{data.n_users}: they come from another dataset")
-    for name, uri, m in zip(names, uris, reader.manifests):
-        if m.get("n_items") not in (None, data.n_items):
-            raise StorageError(f"teacher {name!r} ({uri}): {m['n_items']} items, the dataset {data.n_items}")
+    data, reader = _open(cfg, names, uris)
     ks = tuple(sorted(set(int(k) for k in cfg.ks) | {POP_K}))
     k_list = min(reader.ks)
     if max(ks) > k_list:
@@ -155,6 +145,22 @@ def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
         "comparison": compare(results_models, names),
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _open(cfg: RunConfig, names: list[str], uris: list[str]) -> tuple[Any, TrajectoryReader]:
+    """The run's dataset and the teachers' trajectories, checked to belong together."""
+    if not storage.is_complete(cfg.dataset_uri):
+        raise StorageError(f"{cfg.dataset_uri}: no prepared dataset (run `hetcomp train-teachers` or "
+                           "`hetcomp prepare` for this run first)")
+    data = load_dataset(cfg.dataset_uri)
+    reader = TrajectoryReader(uris)
+    if reader.n_users != data.n_users:
+        raise StorageError(f"trajectories have {reader.n_users} users, the dataset at {cfg.dataset_uri} "
+                           f"{data.n_users}: they come from another dataset")
+    for name, uri, m in zip(names, uris, reader.manifests):
+        if m.get("n_items") not in (None, data.n_items):
+            raise StorageError(f"teacher {name!r} ({uri}): {m['n_items']} items, the dataset {data.n_items}")
+    return data, reader
 
 
 def compare(models: dict[str, dict[str, Any]], teachers: list[str],

@@ -9,22 +9,18 @@ splits the users by contiguous ranges over the ranks (see its module docstring: 
 their owner, the item table replicated with its gradient all-reduced, evaluation sums all-reduced,
 rank 0 writes). The driver reads the result from ``<out>/metrics.json``.
 
-Fault tolerance: the loop writes ``<out>/checkpoint`` (with a manifest) at every evaluation. If a
+Fault tolerance: the loop writes ``<out>/checkpoints/epoch-N`` (with a manifest) at every evaluation. If a
 worker dies, Ray Train restarts the whole worker group (``FailureConfig(max_failures=ray.max_restarts)``)
 and the new workers resume from that checkpoint: our storage checkpoints, not Ray Train's, so a
 rerun by hand, a different worker count and the one-process path resume the same way.
 
-Test hook: with ``HETCOMP_FAULT_KILL_EPOCH=N`` and ``HETCOMP_FAULT_MARKER=<path>`` in the
-workers' environment, the last rank SIGKILLs itself right after the evaluation (and checkpoint)
-of epoch N, once (the marker file records that it did).
+Fault injection for tests: ``hooks`` (picklable callables) are called on every worker after each
+evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` does.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from hetcomp_dist import storage
 from hetcomp_dist.ray_cluster import init_ray
@@ -32,7 +28,8 @@ from hetcomp_dist.run import RunConfig, ensure_dataset
 
 
 def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
-                storage_path: str | None = None) -> dict[str, Any]:
+                storage_path: str | None = None, hooks: Sequence[Callable] = (),
+                log_format: str = "text") -> dict[str, Any]:
     """Run the distillation on Ray Train with ``cfg.distill.workers`` workers; returns metrics.json's content.
 
     Args:
@@ -57,7 +54,8 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "teacher_uris": uris, "out": out},
+            train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "teacher_uris": uris, "out": out,
+                               "hooks": list(hooks), "log_format": log_format},
             # The loop computes on the CPU (gloo) even where GPUs are reserved: it is not moved to CUDA yet.
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
@@ -77,28 +75,25 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the distillation loop on this rank's users."""
-    import json
-
     import ray.train
+
+    from hetcomp_dist.progress import Progress
 
     from hetcomp_dist.distill.train import distill
 
     cfg: RunConfig = config["cfg"]
     if cfg.storage.endpoint_url:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    kill_epoch = os.environ.get("HETCOMP_FAULT_KILL_EPOCH")
-    marker = os.environ.get("HETCOMP_FAULT_MARKER")
+    rank = ray.train.get_context().get_world_rank()
+
+    d = cfg.distill
+    show = Progress(f"student {d.method} rank 0", d.max_epochs, d.select_metric, config.get("log_format", "text"))
 
     def report(event: dict) -> None:
-        if rank == 0 and ("valid" in event or event["event"] == "resumed"):
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}), flush=True)
+        if rank == 0:                          # every rank sees the same all-reduced figures: one prints them
+            show(event)
         if "valid" in event:  # every rank evaluates, so every rank reports (Ray Train's report is collective)
             ray.train.report({"epoch": event["epoch"], "valid": event["valid"], "best": event["best"]})
-            if (kill_epoch and marker and int(kill_epoch) == event["epoch"] and rank == world - 1
-                    and not Path(marker).exists()):
-                Path(marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
 
-    distill(config["dataset_uri"], config["teacher_uris"], cfg.distill, config["out"], tuple(cfg.ks), report)
+    distill(config["dataset_uri"], config["teacher_uris"], cfg.distill, config["out"], tuple(cfg.ks), report,
+            config.get("hooks", ()))

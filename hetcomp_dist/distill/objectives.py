@@ -1,0 +1,211 @@
+"""What the student learns from, one objective per method:
+
+- :class:`BPRObjective` (``bpr``): the student alone, BPR on the train interactions;
+- :class:`KDObjective` (``hetcomp``, ``final_ensemble``): AKT's losses on the ensemble target
+  T_u and the observed ranking P_u, with DKC moving each (user, teacher) pair along its trajectory
+  (``final_ensemble`` starts every pair at the final stage: no DKC, L_R from the start).
+
+Each objective gives the epoch's units (train interactions, or users), the loss of one global batch
+restricted to this rank's users, its phase, and what a checkpoint must keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hetcomp_dist import distributed
+from hetcomp_dist.data.dataset import Dataset
+from hetcomp_dist.distill import akt, baselines, dissensus, dkc
+from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
+from hetcomp_dist.distill.student import Student
+from hetcomp_dist.evaluate import topk_items
+from hetcomp_dist.models import sampling
+from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+
+class BPRObjective:
+    """BPR with one uniform negative per train interaction of this rank's users."""
+
+    phase = "bpr"
+
+    def __init__(self, data: Dataset, student: Student, start: int, stop: int):
+        self.student, self.start, self.stop = student, start, stop
+        self.users, self.items = data.train.users(), data.train.indices
+        self.index = sampling.PairIndex(data.train)
+        self.n_units = data.train.nnz
+
+    def loss(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        batch_users = self.users[rows]
+        own = (batch_users >= self.start) & (batch_users < self.stop)
+        neg = sampling.negatives(self.index, batch_users, rng)[own]      # drawn for the global batch
+        rows = rows[own]
+        if not len(rows):
+            return torch.zeros(())
+        u = torch.from_numpy(self.users[rows].astype(np.int64))
+        pos = torch.from_numpy(self.items[rows].astype(np.int64))
+        e = self.student.tables(user=u - self.start, item=torch.cat([pos, torch.from_numpy(neg.astype(np.int64))]))
+        p_e, n_e = e["item"].chunk(2)
+        return -F.logsigmoid((e["user"] * p_e).sum(-1) - (e["user"] * n_e).sum(-1)).sum() / len(own)
+
+    def start_epoch(self) -> None:
+        pass
+
+    def after_evaluation(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def info(self) -> dict[str, Any] | None:
+        return None
+
+
+class KDObjective:
+    """AKT on targets built from the teachers' trajectories at each pair's DKC stage."""
+
+    def __init__(self, cfg: DistillConfig, data: Dataset, student: Student, reader: TrajectoryReader,
+                 start: int, stop: int, rank: int):
+        self.cfg, self.data, self.student, self.start, self.stop = cfg, data, student, start, stop
+        self.n_users = data.n_users
+        importance = rank_importance(100, cfg.temperature)
+        self.lists = reader.trajectories(start, stop)                        # [U_local, T, S, K]
+        self.n_stages = self.lists.shape[2]
+        self.stage = torch.zeros(stop - start, self.lists.shape[1], dtype=torch.long)
+        if cfg.method == "final_ensemble":
+            self.stage[:] = self.n_stages - 1
+        self.last = torch.zeros(self.stage.shape, dtype=torch.float64)
+        self.observed = _observed_ranking(reader.observed(start, stop), data.n_items, cfg.observed_size, importance)
+        counts = data.train.item_counts()
+        self.build = TargetBuilder(cfg, data.n_items, importance, dissensus.popularity_percentile(counts),
+                                   torch.from_numpy(counts).float())
+        self.targets, self.weights = self.build(self.lists, self.stage)
+        self.units = np.flatnonzero(data.train.counts() > 0) if cfg.batch_unit == "users" else None
+        self.n_units = data.train.nnz if self.units is None else len(self.units)
+        self.train_users = data.train.users()
+        self.sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
+        self.phase = "L_O"
+
+    @property
+    def switched(self) -> bool:
+        """Whether DKC is over (every rank agrees: the mean stages are all-reduced)."""
+        return dkc.switched(self.mean_stage(), self.n_stages, self.cfg.dkc_switch)
+
+    def start_epoch(self) -> None:
+        """Fix the epoch's phase (a collective: every rank calls it, once per epoch)."""
+        self.phase = "L_R" if self.switched else "L_O"
+
+    def mean_stage(self) -> list[float]:
+        """Each teacher's mean stage over every rank's users (float64: the switch rule rounds it)."""
+        return (distributed.sum_over_ranks(self.stage.double().sum(0)) / self.n_users).tolist()
+
+    def loss(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        batch_users = self.train_users[rows] if self.units is None else self.units[rows]
+        own = (batch_users >= self.start) & (batch_users < self.stop)
+        if not own.any():
+            return torch.zeros(())
+        users = np.unique(batch_users[own])
+        local = torch.from_numpy(users.astype(np.int64)) - self.start
+        p, t, cfg = self.observed[local], self.targets[local], self.cfg
+        u_emb = self.student.tables(user=local)["user"]
+        items = self.student.tables.weight("item")
+        exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)), t], 1)   # N_u \ T_u is the rest
+        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler)
+        s_p, s_t = akt.list_scores(u_emb, items, p, cfg.score_clamp), akt.list_scores(u_emb, items, t, cfg.score_clamp)
+        w = None if self.weights is None else self.weights[local]
+        if self.phase == "L_O":
+            return cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()
+        return cfg.lr_weight * akt.ranking_loss(s_p, s_t, p, t, rest, w).sum()
+
+    def after_evaluation(self, epoch: int) -> None:
+        """One DKC check every evaluation until DKC ends; targets rebuilt for users whose stage moved."""
+        if self.cfg.method != "hetcomp" or self.switched:
+            return
+        top = torch.from_numpy(topk_items(self.student.scores, self.data.train, users=np.arange(self.start, self.stop),
+                                          k=dkc.DISCREPANCY_K).astype(np.int64))
+        if epoch == self.cfg.eval_every:
+            self.last = dkc.start(self.stage, top, self.lists)
+            return
+        before = self.stage
+        self.stage, self.last = dkc.step(self.stage, self.last, top, self.lists, dkc.threshold(epoch, self.dkc))
+        moved = torch.nonzero((self.stage != before).any(1)).squeeze(1)
+        if len(moved):
+            targets, weights = self.build(self.lists[moved], self.stage[moved])
+            self.targets[moved] = targets
+            if self.weights is not None:
+                self.weights[moved] = weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": distributed.gather_cat(self.stage), "last": distributed.gather_cat(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = state["stage"][self.start:self.stop].clone()
+        self.last = state["last"][self.start:self.stop].clone().double()
+        self.targets, self.weights = self.build(self.lists, self.stage)
+
+    def info(self) -> dict[str, Any]:
+        """Stage progress for the history: each teacher's mean stage and the share of final pairs."""
+        final = distributed.sum_over_ranks((self.stage == self.n_stages - 1).float().sum())
+        return {"mean_stage": self.mean_stage(), "final_fraction": float(final / self.stage.shape[1] / self.n_users)}
+
+    def state_bytes(self) -> int:
+        """Resident distillation state over every rank (trajectories, targets, P_u, stages)."""
+        weights = 0 if self.weights is None else self.weights.numel() * 4
+        return int(distributed.sum_over_ranks(self.lists.numel() * 4 + self.targets.numel() * 8
+                                              + self.observed.numel() * 8 + self.stage.numel() * 8 + weights))
+
+
+def build_objective(cfg: DistillConfig, data: Dataset, student: Student, teacher_uris: list[str],
+                    start: int, stop: int, rank: int) -> BPRObjective | KDObjective:
+    if cfg.method == "bpr":
+        return BPRObjective(data, student, start, stop)
+    return KDObjective(cfg, data, student, TrajectoryReader(teacher_uris), start, stop, rank)
+
+
+class TargetBuilder:
+    """T_u from the lists at the users' current stages, with the debiasing switches: strategy A
+    reshapes the ensemble scores; strategy B and IPW give per-target-item loss weights."""
+
+    def __init__(self, cfg: DistillConfig, n_items: int, importance: torch.Tensor, pop: torch.Tensor,
+                 item_counts: torch.Tensor, batch: int = 1024):
+        self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
+        self.batch = batch
+
+    def __call__(self, lists: torch.Tensor, stage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> targets int64 [U, size] (-1 padded), weights float [U, size] or None (all terms weigh 1)."""
+        cfg = self.cfg
+        targets = torch.empty(lists.shape[0], cfg.target_size, dtype=torch.long)
+        weights = torch.ones(targets.shape) if (cfg.dissensus_weight or cfg.ipw) else None
+        for lo in range(0, lists.shape[0], self.batch):
+            part = slice(lo, lo + self.batch)
+            current = dkc.current_lists(lists[part], stage[part])
+            counts = dissensus.agreement_counts(current, self.n_items) if cfg.dissensus_target or cfg.dissensus_weight else None
+            discount = None
+            if cfg.dissensus_target:
+                discount = dissensus.discount(cfg.dissensus_rule, current, counts, self.pop, self.item_counts,
+                                              cfg.dissensus_target)
+            targets[part] = t = ensemble_topk(current, self.n_items, cfg.target_size, self.importance, discount)
+            if cfg.dissensus_weight:
+                weights[part] *= dissensus.transfer_weights(t, counts, current.shape[1], self.pop, cfg.dissensus_weight)
+            if cfg.ipw:
+                weights[part] *= baselines.ipw_weights(t, self.item_counts, cfg.ipw)
+        if weights is not None:
+            weights = dissensus.mean_one(weights, targets >= 0)
+        return targets, weights
+
+
+def _observed_ranking(observed: torch.Tensor, n_items: int, size: int, importance: torch.Tensor,
+                      batch: int = 1024) -> torch.Tensor:
+    """P_u: train items ordered by summed importance of the teachers' observed rankings, first ``size``."""
+    out = torch.empty(observed.shape[0], size, dtype=torch.long)
+    for lo in range(0, observed.shape[0], batch):
+        out[lo:lo + batch] = ensemble_topk(observed[lo:lo + batch], n_items, size, importance)
+    return out
