@@ -1,30 +1,8 @@
-"""Sharded training (hetcomp_dist.distributed) against the one-process model: two real gloo processes.
-
-The correspondence checked here, for W = 2 processes and a global batch of B rows:
-
-* each rank takes its own b = B // W rows (``local_batch``; the last B % W rows are dropped, so
-  the reference uses the first W * b rows) and computes the model's loss on them, a mean over its
-  b rows;
-* TorchRec's backward scales the table gradients by 1 / W and sums the ranks' contributions on
-  the rank that holds each row; DDP averages the dense gradients over the ranks. Both therefore
-  see the gradient of (1/W) * sum_r loss_r, which is the mean over all W * b rows: the gradient of
-  the one-process model's loss on the whole batch;
-* so one sharded step with learning rate lr equals one one-process step on the whole batch with
-  the same lr and the same optimizer (plain SGD for ``sgd``; for ``rowwise_adagrad`` the fbgemm
-  rule s_row += mean_j(g_row,j^2), w_row -= lr * g_row / (sqrt(s_row) + eps), written out below),
-  and the mean of the ranks' losses equals the one-process loss (each rank's loss also equals the
-  one-process loss on that rank's rows).
-
-Each case trains 2 steps (integration tier: two real processes); every rank writes its losses, its own table rows (with their global
-offsets) and rank 0 the gathered full state_dict to a file, and the test compares those files with
-a one-process reference computed here, so a rare gloo abort at interpreter exit (DESIGN.md) after
-the files are complete does not fail the test. LightGCN, Mult-VAE and the item autoencoder are not
-shardable (their losses read whole tables); ``shard_model`` refuses them.
-"""
+"""The distillation's collectives in two real gloo processes against their one-process meaning."""
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
 import socket
 import subprocess
@@ -33,257 +11,73 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-GLOBAL_BATCH = 11          # odd on purpose: each rank gets 5 rows, the 11th is dropped
-STEPS = 2
-N_USERS, N_ITEMS = 7, 11   # few rows: ids repeat within and across the ranks' halves
 
-# name -> model, params, sharding per table, table optimizer and lr, how the sharded side is built
-CASES = {
-    "bpr_mf_sgd": dict(model="bpr_mf", params={"dim": 8, "reg": 0.01},
-                       sharding={"user": "row_wise", "item": "table_wise"}, opt="sgd", lr=0.5, build="meta"),
-    "bpr_mf_rowwise_adagrad": dict(model="bpr_mf", params={"dim": 8, "reg": 0.01},
-                                   sharding={"user": "table_wise:0", "item": "row_wise"},
-                                   opt="rowwise_adagrad", lr=0.1, build="cpu"),
-    # init_std 0.5 in dim 8: norms above 1, so after_step's projection acts; the user table lives on
-    # rank 1 only, so rank 0's after_step sees a 0 x d table
-    "cml_sgd": dict(model="cml", params={"dim": 8, "n_neg": 3, "init_std": 0.5},
-                    sharding={"user": "table_wise:1", "item": "row_wise"}, opt="sgd", lr=0.5, build="cpu"),
-    # dense MLP layers: DDP inside DMP, Adam on them, SGD on the tables
-    "neumf_sgd_adam": dict(model="neumf", params={"dim": 8, "layers": [8, 4], "n_neg": 2, "init_std": 0.3},
-                           sharding={"gmf_user": "row_wise", "gmf_item": "table_wise",
-                                     "mlp_user": "table_wise", "mlp_item": "row_wise"},
-                           opt="sgd", lr=0.5, dense_lr=0.01, build="meta"),
-}
-EPS = 1e-8
-META_INIT = dict(n_users=400, n_items=300, dim=16, init_std=0.1)
+WORKER = r"""
+import json, sys
+import numpy as np, torch, torch.distributed as dist
+from hetcomp_dist import distributed as D
+from hetcomp_dist.evaluate import RankingSums
 
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+local = torch.arange(3 * (rank + 1), dtype=torch.float32).view(-1, 1) + 10 * rank      # ranks own 3 and 6 rows
+weight = torch.nn.Parameter(torch.zeros(2))
+weight.grad = torch.full((2,), float(rank + 1))
+D.all_reduce_grad(weight)
+covered = np.zeros(5, dtype=bool)
+covered[rank] = True
+sums = RankingSums(ks=(5,), n_users=rank + 1, gap_profile=0.5, n_profile=1, recall=np.array([0.25 * (rank + 1)]),
+                   ndcg=np.array([0.1]), gap_rec=np.array([1.0]), arp=np.array([2.0]), covered=covered)
+total = D.all_reduce_ranking_sums(sums)
+out = {"sum": D.sum_over_ranks(float(rank + 1)), "any": D.any_over_ranks(torch.tensor([rank == 1])),
+       "none": D.any_over_ranks(torch.tensor([False])), "gathered": D.gather_cat(local).view(-1).tolist(),
+       "grad": weight.grad.tolist(), "n_users": total.n_users, "recall": total.recall.tolist(),
+       "covered": total.covered.tolist(), "distributed": D.is_distributed()}
+json.dump(out, open(sys.argv[1], "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
 
-def _train():
-    from hetcomp_dist.data.dataset import Interactions
-
-    rng = np.random.default_rng(0)
-    pairs = np.unique(np.stack([rng.integers(0, N_USERS, 40), rng.integers(0, N_ITEMS, 40)], 1), axis=0)
-    return Interactions.from_pairs(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
-
-
-def _build(case: dict, device: torch.device | None = None):
-    from hetcomp_dist import models
-
-    torch.manual_seed(1234)
-    return models.build(case["model"], N_USERS, N_ITEMS, _train(), dict(case["params"]), device=device)
-
-
-def _table_keys(state: dict) -> list[str]:
-    return [k for k in state if ".embedding_bags." in k]
-
-
-# ----------------------------------------------------------------------------- worker (one rank)
-
-def _worker(out_dir: Path) -> None:
-    from hetcomp_dist import distributed as D
-
-    torch.set_num_threads(1)
-    env = D.init_process_group("gloo")
-    results: dict = {}
-    for name, case in CASES.items():
-        reference_init = _build(case).state_dict()
-        model = _build(case, torch.device("meta") if case["build"] == "meta" else None)
-        dense = (lambda ps: torch.optim.Adam(ps, lr=case["dense_lr"])) if "dense_lr" in case else None
-        sharded = D.shard_model(model, case["sharding"], lr=case["lr"], table_optimizer=case["opt"], eps=EPS,
-                                dense_optimizer=dense)
-        if case["build"] == "meta":
-            sharded.load_full_state_dict(reference_init)
-        sharded.train()
-        losses = []
-        for batch in itertools.islice(sharded.batches(_train(), GLOBAL_BATCH, np.random.default_rng(7)), STEPS):
-            loss = sharded.loss(batch)
-            sharded.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sharded.optimizer.step()
-            sharded.after_step()
-            losses.append(loss.item())
-        local = {t: tuple(x.detach().clone() if torch.is_tensor(x) else x for x in sharded.local_rows(t))
-                 for t in case["sharding"]}
-        results[name] = {"losses": losses, "local": local, "full": sharded.full_state_dict(dst=0)}
-
-    # Meta-built rows, not overwritten: the tables' own init, drawn per rank.
-    from hetcomp_dist.models.mf import BPRMF
-    m = META_INIT
-    model = BPRMF(m["n_users"], m["n_items"], None, dim=m["dim"], init_std=m["init_std"], device=torch.device("meta"))
-    sharded = D.shard_model(model, {"user": "row_wise", "item": "table_wise"}, lr=0.1, seed=3)
-    results["meta_init"] = sharded.full_state_dict(dst=0)
-    results["meta_init_everywhere"] = sharded.full_state_dict(dst=None)
-
-    tmp = out_dir / f"rank{env.rank}.pt.tmp"
-    torch.save(results, tmp)
-    tmp.rename(out_dir / f"rank{env.rank}.pt")
-    D.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- one-process reference
-
-def _reference(case: dict) -> dict:
-    """The one-process model trained on the same global batches (first WORLD * b rows of each)."""
-    from hetcomp_dist.distributed import local_batch
-
-    model = _build(case)
-    model.train()
-    tables = [p for n, p in model.named_parameters() if ".embedding_bags." in n]
-    dense = [p for n, p in model.named_parameters() if ".embedding_bags." not in n]
-    sgd = torch.optim.SGD(tables, lr=case["lr"])
-    adam = torch.optim.Adam(dense, lr=case["dense_lr"]) if dense else None
-    adagrad_sums = [torch.zeros(p.shape[0]) for p in tables]
-    losses, rank_losses = [], []
-    for batch in itertools.islice(model.batches(_train(), GLOBAL_BATCH, np.random.default_rng(7)), STEPS):
-        b = GLOBAL_BATCH // WORLD
-        with torch.no_grad():
-            rank_losses.append([model.loss(local_batch(batch, r, WORLD)).item() for r in range(WORLD)])
-        loss = model.loss({k: v[:WORLD * b] for k, v in batch.items()})
-        for p in model.parameters():
-            p.grad = None
-        loss.backward()
-        if case["opt"] == "sgd":
-            sgd.step()
-        else:  # fbgemm's exact row-wise Adagrad
-            with torch.no_grad():
-                for p, s in zip(tables, adagrad_sums):
-                    s += p.grad.pow(2).mean(1)
-                    p -= case["lr"] * p.grad / (s.sqrt() + EPS)[:, None]
-        if adam is not None:
-            adam.step()
-        model.after_step()
-        losses.append(loss.item())
-    return {"losses": losses, "rank_losses": rank_losses, "state": model.state_dict()}
-
-
-# ----------------------------------------------------------------------------- the test
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run_ranks(out_dir: Path) -> list[dict]:
-    """Start WORLD worker processes (env:// variables, as torchrun sets them); return their results."""
-    last = ""
-    for _ in range(2):  # a second try only if the free port was taken meanwhile
-        port = _free_port()
-        procs, logs = [], []
-        for rank in range(WORLD):
-            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                       OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-            log = open(out_dir / f"rank{rank}.log", "wb")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, __file__, str(out_dir)], cwd=REPO_ROOT, env=env,
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-        try:
-            for p in procs:
-                p.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            for log in logs:
-                log.close()
-        files = [out_dir / f"rank{r}.pt" for r in range(WORLD)]
-        if all(f.exists() for f in files):  # judge the work, not the exit code (rare gloo abort at exit)
-            return [torch.load(f, weights_only=False) for f in files]
-        last = "\n".join(f"--- rank {r} (exit {p.returncode}):\n"
-                         + (out_dir / f"rank{r}.log").read_text(errors="replace")[-3000:]
-                         for r, p in enumerate(procs))
-        if "address already in use" not in last.lower():
-            break
-    pytest.fail(f"sharded workers wrote no results:\n{last}")
-
-
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict]:
-    return _run_ranks(tmp_path_factory.mktemp("sharded"))
+def results(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("gloo")
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp / f"{rank}.json")], env=env,
+                                      cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads((tmp / f"{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.integration  # two gloo processes: ~25 s on 2 shared cores, mostly importing torchrec
-@pytest.mark.parametrize("name", list(CASES))
-def test_sharded_step_equals_one_process(rank_results, name):
-    case = CASES[name]
-    ref = _reference(case)
-    ranks = [r[name] for r in rank_results]
-
-    # losses: each rank's equals the reference's on its rows; their mean, the whole-batch loss
-    for step in range(STEPS):
-        got = [ranks[r]["losses"][step] for r in range(WORLD)]
-        assert got == pytest.approx(ref["rank_losses"][step], rel=1e-5, abs=1e-6), (step, got)
-        assert float(np.mean(got)) == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-6), step
-
-    # updated rows: every rank's own rows, at their global offsets, equal the reference's
-    for table in case["sharding"]:
-        (key,) = [k for k in _table_keys(ref["state"]) if k.endswith(f".{table}.weight")]
-        assembled = torch.full_like(ref["state"][key], float("nan"))
-        for r in range(WORLD):
-            offset, rows = ranks[r]["local"][table]
-            assembled[offset:offset + len(rows)] = rows
-        torch.testing.assert_close(assembled, ref["state"][key], rtol=1e-5, atol=1e-6, msg=f"{name}: {table}")
-
-    # the gathered full state_dict (tables and dense layers) equals the reference's
-    full = ranks[0]["full"]
-    assert set(full) == set(ref["state"])
-    for key, value in ref["state"].items():
-        torch.testing.assert_close(full[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    assert all(r["full"] is None for r in ranks[1:])
-    # the step changed the tables (the comparison is not between two untouched copies)
-    init = _build(case).state_dict()
-    assert all(not torch.allclose(init[k], full[k]) for k in _table_keys(init))
+def test_collectives_over_two_gloo_processes(results):
+    for r in results:
+        assert r["distributed"] and r["sum"] == 3.0 and r["any"] and not r["none"]
+        assert r["gathered"] == [0, 1, 2, 10, 11, 12, 13, 14, 15]        # rank 0's rows first, on every rank
+        assert r["grad"] == [3.0, 3.0]                                    # item gradients summed
+        assert r["n_users"] == 3 and r["recall"] == pytest.approx([0.75])
+        assert r["covered"] == [True, True, False, False, False]          # coverage: the union (MAX)
 
 
-@pytest.mark.integration
-def test_meta_built_rows_use_the_tables_init_per_rank(rank_results):
-    state = rank_results[0]["meta_init"]
-    users = state["tables.ebc.embedding_bags.user.weight"]
-    items = state["tables.ebc.embedding_bags.item.weight"]
-    assert users.shape == (META_INIT["n_users"], META_INIT["dim"]) and items.shape == (META_INIT["n_items"], META_INIT["dim"])
-    for table in (users, items):
-        assert table.std().item() == pytest.approx(META_INIT["init_std"], rel=0.1)  # N(0, std^2), not TorchRec's uniform
-    half = META_INIT["n_users"] // WORLD
-    assert not torch.allclose(users[:half], users[half:])  # rank 1's rows are not a copy of rank 0's
-    assert rank_results[1]["meta_init"] is None
-    for r in range(WORLD):  # dst=None: every rank gets the whole state
-        everywhere = rank_results[r]["meta_init_everywhere"]
-        assert set(everywhere) == set(state) and all(torch.equal(everywhere[k], state[k]) for k in state)
+def test_collectives_are_no_ops_in_one_process():
+    import torch
 
-
-def test_shard_model_refuses_whole_table_families():
     from hetcomp_dist import distributed as D
-    from hetcomp_dist.distributed import DistEnv
 
-    env = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, backend="gloo", device=torch.device("cpu"))
-    for name in ("lightgcn", "multvae", "item_ae"):
-        model = _build({"model": name, "params": {}})
-        with pytest.raises(TypeError, match="cannot be sharded"):
-            D.shard_model(model, {n: "row_wise" for n in model.tables.names}, lr=0.1, env=env)
-    model = _build(CASES["bpr_mf_sgd"])
-    with pytest.raises(ValueError, match="no CPU kernel"):
-        D.shard_model(model, {"user": "row_wise", "item": "row_wise"}, lr=0.1, table_optimizer="adam", env=env)
-    with pytest.raises(ValueError, match="missing"):
-        D.shard_model(model, {"user": "row_wise"}, lr=0.1, table_optimizer="sgd", env=env)
-
-
-def test_local_batch_splits_evenly_and_drops_the_remainder():
-    from hetcomp_dist.distributed import local_batch
-
-    batch = {"user": torch.arange(11), "neg": torch.arange(22).view(11, 2)}
-    parts = [local_batch(batch, r, 2) for r in range(2)]
-    assert [p["user"].tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    assert parts[1]["neg"].tolist() == batch["neg"][5:10].tolist()
-    assert local_batch({"user": torch.arange(1)}, 0, 2) is None
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    assert not D.is_distributed() and D.sum_over_ranks(2.5) == 2.5
+    x = torch.arange(4.0)
+    assert torch.equal(D.gather_cat(x), x) and D.any_over_ranks(torch.tensor([True]))
