@@ -90,7 +90,11 @@ def pip_sources() -> Iterator[dict[str, str]]:
         # The parent, so that an index's relative links (simple/x/ -> ../../files/) stay inside.
         root = path.parent
         if root not in servers:
-            server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+            handler = functools.partial(_Quiet, directory=str(root))
+            try:  # the same port each run keeps the build args, and so Docker's layer cache, valid
+                server = ThreadingHTTPServer(("127.0.0.1", 38100 + len(servers)), handler)
+            except OSError:
+                server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             servers[root] = server
         return f"http://127.0.0.1:{servers[root].server_address[1]}/{urllib.parse.quote(path.name)}/"
@@ -126,11 +130,14 @@ def image(pip_sources: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     cert = _host_pip("cert")
     if cert and Path(cert).is_file():
         args += ["--secret", f"id=pip_cert,src={cert}"]  # a BuildKit secret: never written to a layer
+    previous = _docker("image", "inspect", "--format", "{{.Id}}", TAG).stdout.strip()
     log = tmp_path_factory.mktemp("image") / "build.log"
     with open(log, "w") as out:
         build = subprocess.run([_docker_cli(), *args, str(REPO)], stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=3600)
     assert build.returncode == 0, log.read_text()[-4000:]
+    if previous and previous != _docker("image", "inspect", "--format", "{{.Id}}", TAG).stdout.strip():
+        _docker("rmi", previous)  # the image this test built last time, now untagged (2 GB)
     return TAG
 
 
