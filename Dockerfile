@@ -54,6 +54,7 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 WORKDIR /app
 # The run configs (paths like configs/tiny.yaml resolve here); runs/ is the configs' default output.
 COPY configs/ configs/
+COPY jobs/ jobs/
 RUN install -d -o hetcomp -g hetcomp runs
 # Numeric, so that runAsNonRoot-style checks can verify it without the image's /etc/passwd.
 USER 10001:10001

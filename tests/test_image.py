@@ -168,6 +168,9 @@ def test_image_runs_as_non_root_with_the_locked_stack(image: str):
     assert facts["package"].startswith("/opt/venv/lib/python3.11/site-packages/hetcomp_dist/")
     assert "archive_info" in facts["direct_url"], facts["direct_url"]
     assert not facts["direct_url"].get("dir_info", {}).get("editable")
+    for job in ("train_teachers", "distill"):          # the entry points the KubeRay manifests run in /app
+        ran = _docker("run", "--rm", image, "python", f"jobs/{job}.py", "--help")
+        assert ran.returncode == 0 and "--config" in ran.stdout, ran.stderr
 
 
 @pytest.mark.integration
