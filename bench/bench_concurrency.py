@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from hetcomp_dist.benchutil import markdown_table, pyplot, save_figure
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,14 +35,8 @@ def config_for(base: dict, run: str, epochs: int, eval_every: int, threads: int 
     return data
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "configs" / "citeulike.yaml"))
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--plot", help="bar chart of the two wall times")
-    args = ap.parse_args()
-    base = yaml.safe_load(Path(args.config).read_text())
+def time_modes(base: dict, epochs: int, eval_every: int) -> dict[str, float]:
+    """Wall seconds of ``hetcomp train-teachers`` per mode, each into a fresh run sharing one prepared dataset."""
     work = Path(tempfile.mkdtemp(prefix="bench_concurrency-"))
     results = {}
     try:
@@ -56,7 +52,7 @@ def main() -> None:
                                 "--out", str(run / "dataset")], check=True, capture_output=True)
             cfg = work / f"{mode}.yaml"
             threads = os.cpu_count() if mode == "sequential-all-cores" else None
-            cfg.write_text(yaml.safe_dump(config_for(base, str(run), args.epochs, args.eval_every, threads)))
+            cfg.write_text(yaml.safe_dump(config_for(base, str(run), epochs, eval_every, threads)))
             cmd = [sys.executable, "-m", "hetcomp_dist.cli", "train-teachers", "--config", str(cfg)]
             cmd += ["--sequential"] if mode != "concurrent" else []
             t0 = time.perf_counter()
@@ -65,24 +61,31 @@ def main() -> None:
             print(f"{mode:>10}: {results[mode]:7.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "citeulike.yaml"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--plot", help="bar chart of the two wall times")
+    args = ap.parse_args()
+    base = yaml.safe_load(Path(args.config).read_text())
+    results = time_modes(base, args.epochs, args.eval_every)
     names = ", ".join(t["name"] for t in base["teachers"])
     print(f"\n{len(base['teachers'])} teachers ({names}), {args.epochs} epochs each, eval every {args.eval_every}; "
           f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}")
-    print("| mode | wall s |\n|---|---|")
-    for mode, s in results.items():
-        print(f"| {mode} | {s:.1f} |")
-    for mode in ("sequential", "sequential-all-cores"):
-        print(f"| {mode} / concurrent | {results[mode] / results['concurrent']:.2f}x |")
+    body = [[mode, f"{s:.1f}"] for mode, s in results.items()]
+    body += [[f"{mode} / concurrent", f"{results[mode] / results['concurrent']:.2f}x"]
+             for mode in ("sequential", "sequential-all-cores")]
+    print(markdown_table(["mode", "wall s"], body, numeric=False))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(4, 3))
+        fig, ax = pyplot().subplots(figsize=(4, 3))
         ax.bar(list(results), list(results.values()), color=["tab:blue", "tab:gray", "tab:olive"])
         ax.set_ylabel("wall seconds")
         ax.set_title(f"{len(base['teachers'])} teachers, {args.epochs} epochs each")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

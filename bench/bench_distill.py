@@ -6,7 +6,8 @@ the users (``--sizes``) over the same items.
 
 Data (all under a temp dir, removed at the end):
 
-- 1x: CiteULike-t prepared by ``hetcomp_dist.data.prepare`` (the real data and split).
+- 1x: CiteULike-t prepared by ``hetcomp_dist.data.prepare`` (the real data and split; its mirror
+  under $HETCOMP_DATASETS_DIR if set, else the registry's download).
 - Fx: F copies of every real user (copy c of user u is user c*5219+u) with the same train / valid /
   test counts; copy c > 0 maps items through a bijection that shuffles items only within blocks of 16
   neighbours in popularity rank, so per-user counts and the popularity shape stay those of CiteULike
@@ -29,7 +30,7 @@ What is measured, each in its own subprocess (so ``ru_maxrss`` is that run's own
   ``metrics["state_bytes"]``, peak RSS is the whole run's.
 - ``setup`` (every size): what ``distill()`` does before its first batch, on one worker owning every
   user: load the dataset, read all users' trajectories and observed rankings
-  (``TrajectoryReader``), P_u (``_observed_ranking``), T_u at stage 0 (``_TargetBuilder``), the
+  (``TrajectoryReader``), P_u (``_observed_ranking``), T_u at stage 0 (``TargetBuilder``), the
   sampler's ``PairIndex`` and the student. Seconds, peak RSS after it, and the state bytes counted as
   ``distill()`` counts them (lists x 4 + targets x 8 + P x 8 + stages x 8).
 - ``steps`` (every size, same subprocess as setup): the L_O step of the loop (epoch 1 of ``hetcomp``)
@@ -59,22 +60,21 @@ Writes bench/out/distill_scaling.txt (the tables) and, with --plot, bench/out/di
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from hetcomp_dist.benchutil import call_in_subprocess, load_average, peak_rss_mib, pyplot, save_figure
+
 OUT = Path(__file__).resolve().parent / "out"
-sys.path.insert(0, str(REPO))
 
 TEACHERS, SNAPSHOTS, K, OBSERVED_K = 6, 4, 100, 100
 EXPONENTS = (0.6, 0.8, 1.0, 1.2, 0.9, 0.7)        # teacher t: p(item) ~ (train count + 1)^e_t
@@ -84,18 +84,11 @@ VARIANTS = ("exact/interactions", "s1000/interactions", "s4000/interactions",
             "exact/users", "s1000/users", "s4000/users")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load_avg() -> str:
-    return f"load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} (1 / 5 min) on {os.cpu_count()} CPUs"
-
-
 # ----------------------------------------------------------------------------- data generation
 
-def make_base(base: Path, seed: int = 0) -> dict:
+def make_base(base: str, seed: int = 0) -> dict:
     """Prepare CiteULike-t and draw the prototype trajectories of its users (numpy files)."""
+    base = Path(base)
     from hetcomp_dist.data.dataset import load_dataset
     from hetcomp_dist.data.prepare import prepare
 
@@ -167,8 +160,9 @@ def _apply(perm: np.ndarray | None, items: np.ndarray) -> np.ndarray:
     return np.where(items >= 0, perm[np.maximum(items, 0)], items).astype(items.dtype)
 
 
-def make_size(base: Path, f: int, root: Path) -> dict:
+def make_size(base: str, f: int, root: str) -> dict:
     """Write the dataset and the 6 trajectories of size ``f`` (x users) under ``root``."""
+    base, root = Path(base), Path(root)
     import pyarrow as pa
 
     from hetcomp_dist import storage
@@ -226,7 +220,7 @@ def make_size(base: Path, f: int, root: Path) -> dict:
 def run_loop(spec: dict, batch_unit: str, threads: int, out: str) -> dict:
     """The real distill() for one epoch (1x)."""
     from hetcomp_dist.distill.config import DistillConfig
-from hetcomp_dist.distill.train import distill
+    from hetcomp_dist.distill.train import distill
 
     cfg = DistillConfig(method="hetcomp", max_epochs=1, eval_every=1, checkpoint=False, threads=threads,
                         batch_unit=batch_unit)
@@ -236,46 +230,52 @@ from hetcomp_dist.distill.train import distill
     wall = time.perf_counter() - t0
     epoch = next(e for e in events if e.get("event") == "epoch")
     return {"epoch_seconds": epoch["epoch_seconds"], "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
-            "state_bytes": metrics["state_bytes"], "peak_rss_mb": peak_rss_mb()}
+            "state_bytes": metrics["state_bytes"], "peak_rss_mb": peak_rss_mib()}
 
 
-def run_steps(spec: dict, args: argparse.Namespace) -> dict:
-    """Setup as distill() does it, then the timed L_O steps of each variant."""
+@dataclass
+class State:
+    """What distill() holds before its first batch, on one worker owning every user."""
+
+    data: Any
+    observed_rank: Any             # P_u, [U, observed_size]
+    targets: Any                   # T_u at stage 0, [U, target_size]
+    train_users: np.ndarray        # the user of each train interaction
+    units: np.ndarray              # the users with train items
+    setup: dict                    # seconds, memory and sizes of the setup
+
+
+def build_state(spec: dict, cfg, max_setup_batches: int) -> State:
+    """Setup as distill() does it: load, read the trajectories, P_u, T_u, the sampler's PairIndex.
+
+    P_u and T_u are built in user batches of 1024 (a dense 1024 x n_items buffer each); beyond
+    ``max_setup_batches`` batches the rest are filled by tiling the built rows and their time is projected."""
     import torch
 
-    from hetcomp_dist import distributed
     from hetcomp_dist.data.dataset import load_dataset
-    from hetcomp_dist.distill import akt, dissensus
+    from hetcomp_dist.distill import dissensus
     from hetcomp_dist.distill.ensemble import rank_importance
-    from hetcomp_dist.distill.config import DistillConfig
-    from hetcomp_dist.distill.train import Student, _observed_ranking, _TargetBuilder
+    from hetcomp_dist.distill.objectives import TargetBuilder, _observed_ranking
     from hetcomp_dist.models import sampling
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
-    cfg = DistillConfig(threads=args.threads)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rss_start = peak_rss_mb()
-    t0 = time.perf_counter()
+    rss_start, t0 = peak_rss_mib(), time.perf_counter()
     data = load_dataset(spec["dataset"])
     n_users, n_items = data.n_users, data.n_items
     t_data = time.perf_counter()
     importance = rank_importance(100, cfg.temperature)
     reader = TrajectoryReader(spec["teachers"])
     lists = reader.trajectories(0, n_users)
-    n_stages = lists.shape[2]
     stage = torch.zeros(n_users, lists.shape[1], dtype=torch.long)
-    # P_u and T_u are built in user batches of 1024 (a dense 1024 x n_items buffer each); beyond
-    # max_setup_batches batches the rest are filled by tiling the built rows and their time is projected.
-    n_built = min(n_users, args.max_setup_batches * 1024)
+    n_built = min(n_users, max_setup_batches * 1024)
     observed = reader.observed(0, n_users)                # [U, T, 100], as distill() reads it (a temporary)
-    t_observed_read = time.perf_counter()
+    t_read = time.perf_counter()
     observed_rank = torch.empty(n_users, cfg.observed_size, dtype=torch.long)
     observed_rank[:n_built] = _observed_ranking(observed[:n_built], n_items, cfg.observed_size, importance)
     del observed
     t_observed = time.perf_counter()
     pop = dissensus.popularity_percentile(data.train.item_counts())
-    build = _TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(data.train.item_counts()).float())
+    build = TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(data.train.item_counts()).float())
     targets = torch.empty(n_users, cfg.target_size, dtype=torch.long)
     targets[:n_built], target_weights = build(lists[:n_built], stage[:n_built])
     t_targets = time.perf_counter()
@@ -284,139 +284,153 @@ def run_steps(spec: dict, args: argparse.Namespace) -> dict:
         targets[lo:lo + n], observed_rank[lo:lo + n] = targets[:n], observed_rank[:n]
     state_bytes = (lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8
                    + (0 if target_weights is None else target_weights.numel() * 4))
-    train_users = data.train.users()
-    units = np.flatnonzero(data.train.counts() > 0)
+    train_users, units = data.train.users(), np.flatnonzero(data.train.counts() > 0)
     sampling.PairIndex(data.train)                       # distill() builds it before the loop; its memory counts
     scale = n_users / n_built
-    build_s = (t_targets - t_observed_read) * scale
-    setup = {"setup_seconds": (t_observed_read - t0) + build_s, "load_seconds": t_data - t0,
-             "read_seconds": t_observed_read - t_data, "observed_seconds": (t_observed - t_observed_read) * scale,
+    setup = {"setup_seconds": (t_read - t0) + (t_targets - t_read) * scale, "load_seconds": t_data - t0,
+             "read_seconds": t_read - t_data, "observed_seconds": (t_observed - t_read) * scale,
              "targets_seconds": (t_targets - t_observed) * scale, "build_projected": n_built < n_users,
-             "built_users": n_built, "setup_rss_mb": peak_rss_mb(), "import_rss_mb": rss_start,
+             "built_users": n_built, "setup_rss_mb": peak_rss_mib(), "import_rss_mb": rss_start,
              "state_bytes": state_bytes, "lists_bytes": lists.numel() * 4, "n_users": n_users,
-             "nnz": data.train.nnz, "n_units": len(units), "stages": n_stages}
+             "nnz": data.train.nnz, "n_units": len(units), "stages": lists.shape[2]}
+    return State(data, observed_rank, targets, train_users, units, setup)
 
-    class Variant:
-        def __init__(self, name: str):
-            self.name = name
-            neg, unit = name.split("/")
-            self.sampled = 0 if neg == "exact" else int(neg[1:])
-            self.unit = unit
-            torch.manual_seed(cfg.seed)
-            self.student = Student(n_users, n_items, cfg.dim)
-            self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-            self.item_weight = self.student.tables.weight("item")
-            for p in self.student.parameters():
-                p.grad = torch.zeros_like(p)
-            self.sampler = torch.Generator().manual_seed(cfg.seed * 1000)
-            rng = np.random.default_rng([cfg.seed, 1])                     # epoch 1's order, as the loop draws it
-            self.order = rng.permutation(data.train.nnz if unit == "interactions" else len(units))
-            self.batches_per_epoch = -(-len(self.order) // cfg.batch_size)
-            self.next = 0
-            self.times: list[list[float]] = []
-            self.cpu: list[float] = []
-            self.users: list[int] = []
 
-        def step(self, timed: bool) -> None:
-            c0, t0 = time.process_time(), time.perf_counter()
-            lo = (self.next % self.batches_per_epoch) * cfg.batch_size
-            self.next += 1
-            rows = self.order[lo:lo + cfg.batch_size]
-            batch_users = train_users[rows] if self.unit == "interactions" else units[rows]
-            users = np.unique(batch_users)
-            local = torch.from_numpy(users.astype(np.int64))
-            p, t = observed_rank[local], targets[local]
-            exclude = torch.cat([torch.from_numpy(data.train.padded(users)), t], 1)
-            t1 = time.perf_counter()
-            u_emb = self.student.tables(user=local)["user"]
-            rest = akt.unobserved_exp_sum(u_emb, self.item_weight, exclude, cfg.score_clamp, self.sampled, self.sampler)
-            s_p = akt.list_scores(u_emb, self.item_weight, p, cfg.score_clamp)
-            s_t = akt.list_scores(u_emb, self.item_weight, t, cfg.score_clamp)
-            loss = cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, None).sum()
-            t2 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=False)
-            loss.backward()
-            t3 = time.perf_counter()
-            distributed.all_reduce_grad(self.item_weight)
-            self.opt.step()
-            loss.item()
-            t4, c4 = time.perf_counter(), time.process_time()
-            if timed:
-                self.times.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
-                self.cpu.append(c4 - c0)
-                self.users.append(len(users))
+class StepVariant:
+    """One L_O step variant ("exact/interactions", "s1000/users", ...), on its own student and optimizer."""
 
-    variants = [Variant(v) for v in spec["variants"]]
+    def __init__(self, name: str, cfg, state: State):
+        import torch
+
+        from hetcomp_dist.distill.train import Student
+
+        self.name, self.cfg, self.state = name, cfg, state
+        neg, self.unit = name.split("/")
+        self.sampled = 0 if neg == "exact" else int(neg[1:])
+        data = state.data
+        torch.manual_seed(cfg.seed)
+        self.student = Student(data.n_users, data.n_items, cfg.dim)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.item_weight = self.student.tables.weight("item")
+        for p in self.student.parameters():
+            p.grad = torch.zeros_like(p)
+        self.sampler = torch.Generator().manual_seed(cfg.seed * 1000)
+        rng = np.random.default_rng([cfg.seed, 1])                     # epoch 1's order, as the loop draws it
+        self.order = rng.permutation(data.train.nnz if self.unit == "interactions" else len(state.units))
+        self.batches_per_epoch = -(-len(self.order) // cfg.batch_size)
+        self.next = 0
+        self.times: list[list[float]] = []
+        self.cpu: list[float] = []
+        self.users: list[int] = []
+
+    def _draw(self):
+        """The next batch's users (as a tensor), their P_u, T_u and exclusion lists."""
+        import torch
+
+        lo = (self.next % self.batches_per_epoch) * self.cfg.batch_size
+        self.next += 1
+        rows = self.order[lo:lo + self.cfg.batch_size]
+        users = np.unique(self.state.train_users[rows] if self.unit == "interactions" else self.state.units[rows])
+        local = torch.from_numpy(users.astype(np.int64))
+        p, t = self.state.observed_rank[local], self.state.targets[local]
+        return local, p, t, torch.cat([torch.from_numpy(self.state.data.train.padded(users)), t], 1)
+
+    def step(self, timed: bool) -> None:
+        from hetcomp_dist import distributed
+        from hetcomp_dist.distill import akt
+
+        cfg = self.cfg
+        c0, t0 = time.process_time(), time.perf_counter()
+        local, p, t, exclude = self._draw()
+        t1 = time.perf_counter()
+        u_emb = self.student.tables(user=local)["user"]
+        rest = akt.unobserved_exp_sum(u_emb, self.item_weight, exclude, cfg.score_clamp, self.sampled, self.sampler)
+        s_p = akt.list_scores(u_emb, self.item_weight, p, cfg.score_clamp)
+        s_t = akt.list_scores(u_emb, self.item_weight, t, cfg.score_clamp)
+        loss = cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, None).sum()
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        t3 = time.perf_counter()
+        distributed.all_reduce_grad(self.item_weight)
+        self.opt.step()
+        loss.item()
+        t4, c4 = time.perf_counter(), time.process_time()
+        if timed:
+            self.times.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+            self.cpu.append(c4 - c0)
+            self.users.append(len(local))
+
+    def summary(self) -> dict:
+        parts = np.array(self.times)
+        per_batch = parts.sum(1)
+        return {"batches_timed": len(per_batch), "s_per_batch": float(per_batch.mean()),
+                "s_per_batch_median": float(np.median(per_batch)), "cpu_s_per_batch": float(np.mean(self.cpu)),
+                "parts_ms": (parts.mean(0) * 1e3).tolist(), "users_per_batch": float(np.mean(self.users)),
+                "batches_per_epoch": self.batches_per_epoch,
+                "epoch_projected_s": float(per_batch.mean()) * self.batches_per_epoch}
+
+
+def run_steps(spec: dict, threads: int, batches: int, warmup: int, chunk: int, max_setup_batches: int) -> dict:
+    """Setup as distill() does it, then the timed L_O steps of each variant, alternating in chunks."""
+    import torch
+
+    from hetcomp_dist.distill.config import DistillConfig
+
+    cfg = DistillConfig(threads=threads)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    state = build_state(spec, cfg, max_setup_batches)
+    variants = [StepVariant(v, cfg, state) for v in spec["variants"]]
     for v in variants:
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             v.step(timed=False)
     load_before = os.getloadavg()[0]
     t_steps = time.perf_counter()
-    while any(len(v.times) < args.batches for v in variants):
+    while any(len(v.times) < batches for v in variants):
         for v in variants:
-            for _ in range(min(args.chunk, args.batches - len(v.times))):
+            for _ in range(min(chunk, batches - len(v.times))):
                 v.step(timed=True)
-    steps = {}
-    for v in variants:
-        parts = np.array(v.times)
-        per_batch = parts.sum(1)
-        steps[v.name] = {"batches_timed": len(per_batch), "s_per_batch": float(per_batch.mean()),
-                         "s_per_batch_median": float(np.median(per_batch)),
-                         "cpu_s_per_batch": float(np.mean(v.cpu)),
-                         "parts_ms": (parts.mean(0) * 1e3).tolist(), "users_per_batch": float(np.mean(v.users)),
-                         "batches_per_epoch": v.batches_per_epoch,
-                         "epoch_projected_s": float(per_batch.mean()) * v.batches_per_epoch}
-    return {**setup, "steps": steps, "steps_wall_seconds": time.perf_counter() - t_steps,
-            "load_during_steps": (load_before + os.getloadavg()[0]) / 2, "peak_rss_mb": peak_rss_mb()}
+    return {**state.setup, "steps": {v.name: v.summary() for v in variants},
+            "steps_wall_seconds": time.perf_counter() - t_steps,
+            "load_during_steps": (load_before + os.getloadavg()[0]) / 2, "peak_rss_mb": peak_rss_mib()}
 
 
-def subprocess_json(argv: list[str], result: Path, env: dict[str, str], deadline: float) -> dict:
-    """Run this script with ``argv`` in a child; return its JSON result plus wall seconds and peak RSS.
-
-    The child is killed (TimeoutError) if it is still running at ``deadline`` (time.monotonic()).
-    """
-    t0 = time.perf_counter()
-    result.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)], env=env)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            raise TimeoutError(f"killed after {time.perf_counter() - t0:.0f} s (--budget-minutes reached)")
-        time.sleep(0.5)
-    if status != 0:
-        raise RuntimeError(f"{argv[:2]} failed with status {status}")
-    out = json.loads(result.read_text())
-    out.update(child_seconds=time.perf_counter() - t0, child_peak_rss_mb=usage.ru_maxrss / 1024)
-    return out
+def child(fn, kwargs: dict, deadline: float) -> dict:
+    """``fn(**kwargs)`` in a fresh process (its own peak RSS), killed at ``deadline`` (TimeoutError)."""
+    try:
+        result, proc = call_in_subprocess(fn, kwargs, deadline=deadline)
+    except TimeoutError as e:
+        raise TimeoutError(f"{fn.__name__} {e} (--budget-minutes reached)") from None
+    return {**result, "child_seconds": proc.seconds, "child_peak_rss_mb": proc.peak_rss_mib}
 
 
 # ----------------------------------------------------------------------------- report
 
-def tables(args: argparse.Namespace, gen: dict, loop: dict, steps: dict) -> list[str]:
+def table_loop(loop: dict, steps: dict) -> list[str]:
+    """A: the real distill() epoch at 1x."""
+    lines = ["", "A. MEASURED: the real distill() loop, 1x (CiteULike-t), max_epochs=1, exact denominator, phase L_O",
+             f"{'batch_unit':12s} {'batches/ep':>10s} {'epoch s':>8s} {'s/batch':>8s} {'run wall s':>10s} "
+             f"{'state MB':>9s} {'peak RSS MB':>11s}"]
+    for unit, r in loop.items():
+        nb = steps[1]["steps"][f"exact/{unit}"]["batches_per_epoch"] if 1 in steps and f"exact/{unit}" in steps[1]["steps"] else None
+        spb = f"{r['epoch_seconds'] / nb:8.3f}" if nb else f"{'':8s}"
+        lines.append(f"{unit:12s} {nb if nb else '':>10} {r['epoch_seconds']:8.1f} {spb} {r['wall_seconds']:10.1f} "
+                     f"{r['state_bytes'] / 1e6:9.1f} {r['child_peak_rss_mb']:11,.0f}")
+    lines.append("epoch s: the loop's own epoch_seconds (training batches only); run wall: the whole distill() "
+                 "call (load, setup, the epoch, one valid evaluation + DKC discrepancy, final test/valid "
+                 "evaluation, outputs written).")
+    return lines
+
+
+def table_setup(gen: dict, steps: dict) -> list[str]:
+    """B: the setup per size."""
     sizes = sorted(steps)
-    lines = [f"distillation loop, 1 worker, {args.threads} threads, batch_size 1024, dim 6, "
-             f"{TEACHERS} teachers x {SNAPSHOTS} snapshots x K={K}, 25,181 items"]
-    if loop:
-        lines += ["", "A. MEASURED: the real distill() loop, 1x (CiteULike-t), max_epochs=1, exact denominator, phase L_O",
-                  f"{'batch_unit':12s} {'batches/ep':>10s} {'epoch s':>8s} {'s/batch':>8s} {'run wall s':>10s} "
-                  f"{'state MB':>9s} {'peak RSS MB':>11s}"]
-        for unit, r in loop.items():
-            nb = steps[1]["steps"][f"exact/{unit}"]["batches_per_epoch"] if 1 in steps and f"exact/{unit}" in steps[1]["steps"] else None
-            spb = f"{r['epoch_seconds'] / nb:8.3f}" if nb else f"{'':8s}"
-            lines.append(f"{unit:12s} {nb if nb else '':>10} {r['epoch_seconds']:8.1f} {spb} {r['wall_seconds']:10.1f} "
-                         f"{r['state_bytes'] / 1e6:9.1f} {r['child_peak_rss_mb']:11,.0f}")
-        lines.append("epoch s: the loop's own epoch_seconds (training batches only); run wall: the whole distill() "
-                     "call (load, setup, the epoch, one valid evaluation + DKC discrepancy, final test/valid "
-                     "evaluation, outputs written).")
-    lines += ["", "B. setup per size (what distill() does before its first batch, all users on one worker); "
-              "* = PROJECTED from the first built users (see note), everything else MEASURED",
-              f"{'size':>5s} {'users':>9s} {'train nnz':>11s} {'load s':>7s} {'read traj s':>11s} {'P_u s':>8s} "
-              f"{'T_u s':>8s} {'setup s':>9s} {'state MB':>9s} {'state B/user':>12s} {'lists MB':>9s} "
-              f"{'setup peak RSS MB':>17s} {'- imports':>9s} {'traj on disk MB':>15s}"]
+    lines = ["", "B. setup per size (what distill() does before its first batch, all users on one worker); "
+             "* = PROJECTED from the first built users (see note), everything else MEASURED",
+             f"{'size':>5s} {'users':>9s} {'train nnz':>11s} {'load s':>7s} {'read traj s':>11s} {'P_u s':>8s} "
+             f"{'T_u s':>8s} {'setup s':>9s} {'state MB':>9s} {'state B/user':>12s} {'lists MB':>9s} "
+             f"{'setup peak RSS MB':>17s} {'- imports':>9s} {'traj on disk MB':>15s}"]
     for f in sizes:
         r, g = steps[f], gen[f]
         star = "*" if r["build_projected"] else " "
@@ -427,7 +441,7 @@ def tables(args: argparse.Namespace, gen: dict, loop: dict, steps: dict) -> list
                      f"{g['trajectory_bytes_on_disk'] / 1e6:15.0f}")
     partial = [f"{f}x: {steps[f]['built_users']:,} of {steps[f]['n_users']:,}" for f in sizes if steps[f]["build_projected"]]
     lines.append("read traj: TrajectoryReader.trajectories + .observed for all users (4 x 6 snapshot parts + 6 "
-                 "observed parts); P_u: _observed_ranking; T_u: _TargetBuilder at stage 0 (both ensemble_topk over a "
+                 "observed parts); P_u: _observed_ranking; T_u: TargetBuilder at stage 0 (both ensemble_topk over a "
                  "dense 1024 x n_items buffer per 1024 users). "
                  + (f"* P_u / T_u built and timed for the first users only ({'; '.join(partial)}), time scaled by "
                     "users (a constant cost per 1024-user batch); the other rows are filled by tiling the built "
@@ -437,68 +451,91 @@ def tables(args: argparse.Namespace, gen: dict, loop: dict, steps: dict) -> list
                  "T_u (U x 100 int64) + P_u (U x 10 int64) + stages (U x 6 int64), as distill() counts "
                  "metrics['state_bytes']; setup peak RSS includes the interpreter + torch "
                  f"(~{steps[sizes[0]]['import_rss_mb']:.0f} MB after imports).")
-    lines += ["", "C. MEASURED per batch / PROJECTED per epoch: the L_O step (exact vs sampled denominator, "
-              "batches of 1024 interactions vs 1024 users), variants alternating in one process per size",
-              f"{'size':>5s} {'variant':20s} {'users/batch':>11s} {'timed':>5s} {'s/batch':>8s} {'median':>7s} {'cpu s':>6s} "
-              f"{'draw ms':>7s} {'fwd ms':>7s} {'bwd ms':>7s} {'step ms':>7s} {'batches/ep':>10s} {'proj. epoch s':>13s} "
-              f"{'load':>5s}"]
-    for f in sizes:
+    return lines
+
+
+def table_steps(warmup: int, loop: dict, steps: dict) -> list[str]:
+    """C: the L_O step per variant and size, and the projection checked against the real loop."""
+    lines = ["", "C. MEASURED per batch / PROJECTED per epoch: the L_O step (exact vs sampled denominator, "
+             "batches of 1024 interactions vs 1024 users), variants alternating in one process per size",
+             f"{'size':>5s} {'variant':20s} {'users/batch':>11s} {'timed':>5s} {'s/batch':>8s} {'median':>7s} {'cpu s':>6s} "
+             f"{'draw ms':>7s} {'fwd ms':>7s} {'bwd ms':>7s} {'step ms':>7s} {'batches/ep':>10s} {'proj. epoch s':>13s} "
+             f"{'load':>5s}"]
+    for f in sorted(steps):
         r = steps[f]
         for name, s in r["steps"].items():
             d, fw, bw, st = s["parts_ms"]
             lines.append(f"{f:4d}x {name:20s} {s['users_per_batch']:11.0f} {s['batches_timed']:5d} {s['s_per_batch']:8.3f} "
                          f"{s['s_per_batch_median']:7.3f} {s['cpu_s_per_batch']:6.2f} {d:7.1f} {fw:7.1f} {bw:7.1f} {st:7.1f} "
                          f"{s['batches_per_epoch']:10,d} {s['epoch_projected_s']:13,.1f} {r['load_during_steps']:5.1f}")
-    lines.append(f"timed: batches measured after {args.warmup} warm-up batches; s/batch: their mean wall time (median "
+    lines.append(f"timed: batches measured after {warmup} warm-up batches; s/batch: their mean wall time (median "
                  "beside it; cpu s: process CPU seconds per batch, all threads, spin-waits included); "
                  "draw: batch users + exclusion lists; fwd: exp-sum + list scores + L_O; bwd: backward; step: Adam "
                  "(+ all-reduce, a no-op on 1 worker) + loss.item(). proj. epoch s = s/batch x batches/ep: PROJECTED, "
                  "not run (no full epoch is run at any size in this table).")
-    if loop and 1 in steps:
-        for unit, r in loop.items():
-            s = steps[1]["steps"].get(f"exact/{unit}")
-            if s:
-                lines.append(f"check at 1x, exact/{unit}: projected {s['epoch_projected_s']:.1f} s vs the real loop's "
-                             f"measured {r['epoch_seconds']:.1f} s per epoch (x{r['epoch_seconds'] / s['epoch_projected_s']:.2f})")
-    if len(sizes) >= 2:
-        lo, hi = sizes[0], sizes[-1]
-        a, b = steps[lo], steps[hi]
-        slope = lambda y0, y1: np.log(y1 / y0) / np.log(b["n_users"] / a["n_users"])  # noqa: E731
-        name = next(n for n in b["steps"] if n in a["steps"])
+    for unit, r in (loop.items() if 1 in steps else ()):
+        s = steps[1]["steps"].get(f"exact/{unit}")
+        if s:
+            lines.append(f"check at 1x, exact/{unit}: projected {s['epoch_projected_s']:.1f} s vs the real loop's "
+                         f"measured {r['epoch_seconds']:.1f} s per epoch (x{r['epoch_seconds'] / s['epoch_projected_s']:.2f})")
+    return lines
+
+
+def growth(steps: dict) -> list[str]:
+    """Log-log slopes from the smallest to the largest size."""
+    sizes = sorted(steps)
+    if len(sizes) < 2:
+        return []
+    lo, hi = sizes[0], sizes[-1]
+    a, b = steps[lo], steps[hi]
+    slope = lambda y0, y1: np.log(y1 / y0) / np.log(b["n_users"] / a["n_users"])  # noqa: E731
+    name = next((n for n in b["steps"] if n in a["steps"]), None)      # a variant timed at both sizes
+    timed = ""
+    if name:
         e0, e1 = a["steps"][name], b["steps"][name]
-        lines += ["", f"growth {lo}x -> {hi}x users (log-log slopes; 1 = linear): {name} projected epoch "
-                      f"{slope(e0['epoch_projected_s'], e1['epoch_projected_s']):.2f}, s/batch "
-                      f"{slope(e0['s_per_batch'], e1['s_per_batch']):.2f}, state bytes "
-                      f"{slope(a['state_bytes'], b['state_bytes']):.2f}, setup peak RSS "
-                      f"{slope(a['setup_rss_mb'], b['setup_rss_mb']):.2f}, setup seconds "
-                      f"{slope(a['setup_seconds'], b['setup_seconds']):.2f}"]
+        timed = (f"{name} projected epoch {slope(e0['epoch_projected_s'], e1['epoch_projected_s']):.2f}, s/batch "
+                 f"{slope(e0['s_per_batch'], e1['s_per_batch']):.2f}, ")
+    return ["", f"growth {lo}x -> {hi}x users (log-log slopes; 1 = linear): {timed}state bytes "
+                f"{slope(a['state_bytes'], b['state_bytes']):.2f}, setup peak RSS "
+                f"{slope(a['setup_rss_mb'], b['setup_rss_mb']):.2f}, setup seconds "
+                f"{slope(a['setup_seconds'], b['setup_seconds']):.2f}"]
+
+
+def tables(args: argparse.Namespace, gen: dict, loop: dict, steps: dict) -> list[str]:
+    lines = [f"distillation loop, 1 worker, {args.threads} threads, batch_size 1024, dim 6, "
+             f"{TEACHERS} teachers x {SNAPSHOTS} snapshots x K={K}, 25,181 items"]
+    lines += (table_loop(loop, steps) if loop else []) + table_setup(gen, steps) + table_steps(args.warmup, loop, steps)
+    lines += growth(steps)
     lines += ["", "data generation (not part of the measurement): " + ", ".join(
         f"{f}x {g['data_seconds'] + g['write_seconds']:.0f} s (trajectories written {g['write_seconds']:.0f} s, "
         f"writer peak RSS {g['child_peak_rss_mb']:,.0f} MB)" for f, g in sorted(gen.items()))]
     return lines
 
 
-def plot(path: Path, steps: dict, loop: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted(steps)
-    users = np.array([steps[f]["n_users"] for f in sizes], float)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_time(ax, steps: dict, loop: dict, sizes: list[int], users: np.ndarray) -> None:
     names = [n for n in steps[sizes[-1]]["steps"] if all(n in steps[f]["steps"] for f in sizes)]
     for name in names:
         y = np.array([steps[f]["steps"][name]["epoch_projected_s"] for f in sizes])
-        a.plot(users, y, "o-", label=f"{name} (projected epoch)")
+        ax.plot(users, y, "o-", label=f"{name} (projected epoch)")
     if 1 in steps:
         for unit, r in loop.items():
-            a.plot([steps[1]["n_users"]], [r["epoch_seconds"]], "*", ms=12, label=f"real distill() epoch, {unit} (measured)")
+            ax.plot([steps[1]["n_users"]], [r["epoch_seconds"]], "*", ms=12, label=f"real distill() epoch, {unit} (measured)")
     setup_s = np.array([steps[f]["setup_seconds"] for f in sizes])
-    a.plot(users, setup_s, "s--", color="k", label=f"setup (P_u/T_u build projected past {min(steps[f]['built_users'] for f in sizes):,} users)")
-    ref = steps[sizes[0]]["steps"][names[0]]["epoch_projected_s"]
-    a.plot(users, ref * users / users[0], ":", color="grey", label="linear in users")
-    a.set_xscale("log"), a.set_yscale("log"), a.set_xlabel("users (1 worker)"), a.set_ylabel("seconds")
-    a.set_title("distillation: epoch time"), a.legend(fontsize=7)
+    built = min(steps[f]["built_users"] for f in sizes)
+    ax.plot(users, setup_s, "s--", color="k", label=f"setup (P_u/T_u build projected past {built:,} users)")
+    ref = steps[sizes[0]]["steps"][names[0]]["epoch_projected_s"] if names else setup_s[0]
+    ax.plot(users, ref * users / users[0], ":", color="grey", label="linear in users")
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("users (1 worker)"), ax.set_ylabel("seconds")
+    ax.set_title("distillation: epoch time"), ax.legend(fontsize=7)
+
+
+def plot(path: Path, steps: dict, loop: dict) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    sizes = sorted(steps)
+    users = np.array([steps[f]["n_users"] for f in sizes], float)
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 4))
+    plot_time(a, steps, loop, sizes, users)
     rss = np.array([steps[f]["setup_rss_mb"] for f in sizes]) / 1024
     state = np.array([steps[f]["state_bytes"] for f in sizes]) / 2 ** 30
     base_rss = np.array([steps[f]["import_rss_mb"] for f in sizes]) / 1024
@@ -508,15 +545,12 @@ def plot(path: Path, steps: dict, loop: dict) -> None:
     b.plot(users, state[0] * users / users[0], ":", color="grey", label="linear in users")
     b.set_xscale("log"), b.set_yscale("log"), b.set_xlabel("users (1 worker)"), b.set_ylabel("GiB")
     b.set_title("distillation: memory"), b.legend(fontsize=7)
-    from matplotlib.ticker import NullFormatter
     for ax in (a, b):
         ax.xaxis.set_minor_formatter(NullFormatter())
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="x CiteULike's users")
     ap.add_argument("--threads", type=int, default=2)
@@ -536,81 +570,70 @@ def main() -> None:
                     help="wall-clock budget: a child still running then is killed and its size reported as not measured")
     ap.add_argument("--workdir", default=None, help="parent of the temp dir (default: the system's)")
     ap.add_argument("--plot", action="store_true", help="draw bench/out/distill_scaling.png")
-    ap.add_argument("--_role", help=argparse.SUPPRESS)
-    ap.add_argument("--_spec", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    if args._role:                                    # a child: one measured (or generating) run
-        spec = json.loads(args._spec)
-        role = args._role
-        if role == "base":
-            res = make_base(Path(spec["base"]))
-        elif role == "gen":
-            res = make_size(Path(spec["base"]), spec["f"], Path(spec["root"]))
-        elif role == "loop":
-            res = run_loop(spec, spec["unit"], args.threads, spec["out"])
-        else:
-            res = run_steps(spec, args)
-        Path(args.result).write_text(json.dumps(res))
-        return
 
+def measure_size(args: argparse.Namespace, base: Path, f: int, root: Path, deadline: float,
+                 gen: dict, loop: dict, steps: dict) -> None:
+    """Generate size ``f``, then (at 1x) the real loop, then setup + steps; results go into the dicts."""
+    gen[f] = g = child(make_size, {"base": str(base), "f": f, "root": str(root)}, deadline)
+    print(f"{f}x: data + trajectories written in {g['child_seconds']:.0f} s "
+          f"({g['trajectory_bytes_on_disk'] / 1e6:,.0f} MB of trajectories); {load_average()}", flush=True)
+    spec = {"dataset": g["dataset"], "teachers": g["teachers"]}
+    if f == 1:
+        for unit in args.loop_units:
+            loop[unit] = child(run_loop, {"spec": spec, "batch_unit": unit, "threads": args.threads,
+                                          "out": str(root / f"student-{unit}")}, deadline)
+            print(f"  1x distill() one epoch, {unit}: {loop[unit]['epoch_seconds']:.1f} s (run "
+                  f"{loop[unit]['wall_seconds']:.0f} s, peak RSS {loop[unit]['child_peak_rss_mb']:,.0f} MB)", flush=True)
+    names = args.variants if f == min(args.sizes) else args.scaling_variants
+    steps[f] = child(run_steps, {"spec": {**spec, "variants": names}, "threads": args.threads, "batches": args.batches,
+                                 "warmup": args.warmup, "chunk": args.chunk,
+                                 "max_setup_batches": args.max_setup_batches}, deadline)
+    print(f"  {f}x setup {steps[f]['setup_seconds']:.0f} s, peak RSS {steps[f]['setup_rss_mb']:,.0f} MB; "
+          f"steps {steps[f]['steps_wall_seconds']:.0f} s; {load_average()}", flush=True)
+
+
+def run_sizes(args: argparse.Namespace, tmp: Path, deadline: float) -> tuple[dict, dict, dict, list[str]]:
+    """Every size of --sizes within the budget: (gen, loop, steps, the sizes not measured)."""
+    gen, loop, steps, missing = {}, {}, {}, []
+    base = tmp / "base"
+    base.mkdir()
+    b = child(make_base, {"base": str(base)}, deadline)
+    print(f"base: CiteULike-t {b['n_users']:,} users x {b['n_items']:,} items, {b['train']:,} train; "
+          f"prototype trajectories drawn in {b['child_seconds']:.0f} s", flush=True)
+    for f in sorted(args.sizes):
+        root = tmp / f"x{f}"
+        root.mkdir()
+        try:
+            measure_size(args, base, f, root, deadline, gen, loop, steps)
+        except (TimeoutError, RuntimeError) as e:
+            missing.append(f"{f}x: NOT MEASURED, {e}")
+            print(f"  {missing[-1]}", flush=True)
+            gen.pop(f, None)
+            steps.pop(f, None)
+        shutil.rmtree(root, ignore_errors=True)     # the 100x trajectories are GBs
+        if time.monotonic() > deadline:
+            missing += [f"{x}x: NOT MEASURED (budget spent)" for x in sorted(args.sizes) if x > f]
+            break
+    return gen, loop, steps, missing
+
+
+def main() -> None:
+    args = parse_args()
     if os.nice(0) < 5:
         os.nice(5 - os.nice(0))
-    env = dict(os.environ)
-    env.setdefault("HETCOMP_DATASETS_DIR", str(REPO.parent / "shared" / "datasets"))
-    common = ["--max-setup-batches", str(args.max_setup_batches), "--threads", str(args.threads), "--batches", str(args.batches), "--warmup", str(args.warmup),
-              "--chunk", str(args.chunk)]
     command = "nice -n 5 .venv/bin/python bench/bench_distill.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"$ {command}\n{load_avg()} at the start", flush=True)
-    gen, loop, steps, missing = {}, {}, {}, []
+    print(f"$ {command}\n{load_average()} at the start", flush=True)
     t_all = time.perf_counter()
     deadline = time.monotonic() + 60 * args.budget_minutes
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_distill-") as tmp:
-        tmp = Path(tmp)
-        result = tmp / "result.json"
-
-        def child(role: str, spec: dict) -> dict:
-            return subprocess_json(["--_role", role, "--_spec", json.dumps(spec), *common], result, env, deadline)
-
-        base = tmp / "base"
-        base.mkdir()
-        b = child("base", {"base": str(base)})
-        print(f"base: CiteULike-t {b['n_users']:,} users x {b['n_items']:,} items, {b['train']:,} train; "
-              f"prototype trajectories drawn in {b['child_seconds']:.0f} s", flush=True)
-        for f in sorted(args.sizes):
-            root = tmp / f"x{f}"
-            root.mkdir()
-            stage = "data generation"
-            try:
-                gen[f] = g = child("gen", {"base": str(base), "f": f, "root": str(root)})
-                print(f"{f}x: data + trajectories written in {g['child_seconds']:.0f} s "
-                      f"({g['trajectory_bytes_on_disk'] / 1e6:,.0f} MB of trajectories); {load_avg()}", flush=True)
-                if f == 1:
-                    for unit in args.loop_units:
-                        stage = f"distill() loop ({unit})"
-                        loop[unit] = child("loop", {**g, "unit": unit, "out": str(root / f"student-{unit}")})
-                        print(f"  1x distill() one epoch, {unit}: {loop[unit]['epoch_seconds']:.1f} s (run "
-                              f"{loop[unit]['wall_seconds']:.0f} s, peak RSS {loop[unit]['child_peak_rss_mb']:,.0f} MB)",
-                              flush=True)
-                stage = "setup + steps"
-                names = args.variants if f == min(args.sizes) else args.scaling_variants
-                steps[f] = child("steps", {**g, "variants": names})
-                print(f"  {f}x setup {steps[f]['setup_seconds']:.0f} s, peak RSS {steps[f]['setup_rss_mb']:,.0f} MB; "
-                      f"steps {steps[f]['steps_wall_seconds']:.0f} s; {load_avg()}", flush=True)
-            except (TimeoutError, RuntimeError) as e:
-                missing.append(f"{f}x: NOT MEASURED, {stage} {e}")
-                print(f"  {missing[-1]}", flush=True)
-                gen.pop(f, None)
-            shutil.rmtree(root, ignore_errors=True)     # the 100x trajectories are GBs
-            if time.monotonic() > deadline:
-                missing += [f"{x}x: NOT MEASURED (budget spent)" for x in sorted(args.sizes) if x > f]
-                break
+        gen, loop, steps, missing = run_sizes(args, Path(tmp), deadline)
     if not steps:
         print("\n".join(missing))
         return
     lines = [f"$ {command}", ""] + tables(args, gen, loop, steps) + ([""] + missing if missing else [])
-    lines += ["", f"total {time.perf_counter() - t_all:.0f} s; {load_avg()} at the end (other jobs share the 2 CPUs: "
+    lines += ["", f"total {time.perf_counter() - t_all:.0f} s; {load_average()} at the end (other jobs share the 2 CPUs: "
                   "absolute times are inflated, variants of one size alternate so they share the load alike)"]
     text = "\n".join(lines)
     print("\n" + text)

@@ -8,88 +8,20 @@ float32 GEMM throughput, measured on a large square torch.mm in the same run.
     .venv/bin/python bench/bench_eval.py [--batch-size 1024] [--threads N]
     .venv/bin/python bench/bench_eval.py --sweep 256,512,1024,2048,4096 --plot bench/out/eval_batch.png
 
-Data: $HETCOMP_DATASETS_DIR/gowalla/{train,test}.txt (default /work/shared/datasets). Read
-with hetcomp_dist.data.formats.read_lightgcn when available, else with the bench-local
-parser below.
+Data: a LightGCN-format folder (train.txt, test.txt): --data-dir, default
+$HETCOMP_DATASETS_DIR/gowalla; read with hetcomp_dist.data.formats.read_lightgcn.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hetcomp_dist.data.dataset import Interactions  # noqa: E402
-from hetcomp_dist.evaluate import dot_scorer, evaluate  # noqa: E402
-
-DEFAULT_DATASETS_DIR = "/work/shared/datasets"
-
-
-# --------------------------------------------------------------------------- data loading
-
-
-def bench_local_read_lightgcn(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Bench-local LightGCN reader: ``user item item ...`` per line -> (users, items) int64."""
-    users, items = [], []
-    with open(path, "r", encoding="ascii") as fh:
-        for line in fh:
-            tok = np.array(line.split(), dtype=np.int64)
-            if tok.size > 1:
-                users.append(np.full(tok.size - 1, tok[0], dtype=np.int64))
-                items.append(tok[1:])
-    if not users:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(users), np.concatenate(items)
-
-
-def read_lightgcn_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(users, items, reader name): the package reader if importable, else the bench-local one."""
-    try:
-        from hetcomp_dist.data.formats import read_lightgcn
-    except ImportError:
-        read_lightgcn = None
-    if read_lightgcn is not None:
-        try:
-            batches = list(read_lightgcn(str(path)))
-            users = np.concatenate([b.column("user").to_numpy() for b in batches]).astype(np.int64)
-            items = np.concatenate([b.column("item").to_numpy() for b in batches]).astype(np.int64)
-            return users, items, "hetcomp_dist.data.formats.read_lightgcn"
-        except Exception as exc:  # an interface still in flux: fall back, but say so
-            print(f"note: read_lightgcn failed ({exc!r}); using the bench-local parser", file=sys.stderr)
-    users, items = bench_local_read_lightgcn(path)
-    return users, items, "bench-local parser"
-
-
-def load_lightgcn_dir(directory: str | Path) -> tuple[Interactions, Interactions, str]:
-    """train / test Interactions from a LightGCN-format folder (ids used as given; pairs deduplicated)."""
-    directory = Path(directory)
-    tr_u, tr_i, reader = read_lightgcn_pairs(directory / "train.txt")
-    te_u, te_i, _ = read_lightgcn_pairs(directory / "test.txt")
-    n_users = int(max(tr_u.max(initial=-1), te_u.max(initial=-1))) + 1
-    n_items = int(max(tr_i.max(initial=-1), te_i.max(initial=-1))) + 1
-
-    def build(u: np.ndarray, i: np.ndarray) -> Interactions:
-        key = np.unique(u * n_items + i)
-        return Interactions.from_pairs(key // n_items, key % n_items, n_users, n_items)
-
-    return build(tr_u, tr_i), build(te_u, te_i), reader
-
-
-def gowalla_dir() -> Path:
-    return Path(os.environ.get("HETCOMP_DATASETS_DIR", DEFAULT_DATASETS_DIR)) / "gowalla"
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
+from hetcomp_dist.benchutil import dataset_folder, load_lightgcn_dir, peak_rss_mib, pyplot, save_figure
+from hetcomp_dist.data.dataset import Interactions
+from hetcomp_dist.evaluate import dot_scorer, evaluate
 
 # --------------------------------------------------------------------------- measurements
 
@@ -133,7 +65,7 @@ def run_eval(train: Interactions, test: Interactions, user_emb, item_emb, batch_
     return metrics, time.perf_counter() - t
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=None, help="LightGCN-format folder (default: $HETCOMP_DATASETS_DIR/gowalla)")
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -144,42 +76,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-score-only", action="store_true", help="skip the matmul-only timing pass")
     ap.add_argument("--reuse-buffer", action="store_true",
                     help="also time a scorer that writes into one preallocated batch buffer")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data_dir = Path(args.data_dir) if args.data_dir else gowalla_dir()
 
-    t = time.perf_counter()
-    train, test, reader = load_lightgcn_dir(data_dir)
-    load_s = time.perf_counter() - t
-    rss_after_load = peak_rss_mib()
+def measure(args: argparse.Namespace, train: Interactions, test: Interactions, gflops: float) -> list[dict]:
+    """One evaluation per batch size (and per scorer output, with --reuse-buffer): a row of measurements each."""
     n_users, n_items, dim = train.n_users, train.n_items, args.dim
-    print(f"data: {data_dir} via {reader}: {n_users} users, {n_items} items, "
-          f"{train.nnz} train + {test.nnz} test pairs, loaded in {load_s:.2f}s")
-
-    gflops = gemm_gflops()
     gen = torch.Generator().manual_seed(0)
     user_emb = torch.randn(n_users, dim, generator=gen) / dim ** 0.5
     item_emb = torch.randn(n_items, dim, generator=gen) / dim ** 0.5
-
     sizes = [args.batch_size]
     if args.sweep or args.plot:
         sizes = [int(s) for s in (args.sweep or "256,512,1024,2048,4096").split(",")]
-
     rows = []
     variants = [(bs, False) for bs in sizes] + ([(bs, True) for bs in sizes] if args.reuse_buffer else [])
     for bs, reuse in variants:
         metrics, wall = run_eval(train, test, user_emb, item_emb, bs, reuse)
         n_eval = metrics["n_users"]
-        flops = 2.0 * n_eval * n_items * dim
-        floor = flops / (gflops * 1e9)
+        floor = 2.0 * n_eval * n_items * dim / (gflops * 1e9)
         score_s = (float("nan") if args.no_score_only
                    else score_only_seconds(make_scorer(user_emb, item_emb, reuse), n_users, bs))
         rows.append(dict(bs=bs, reuse=reuse, wall=wall, users=n_eval, ups=n_eval / wall, floor=floor, score_s=score_s,
                          rss=peak_rss_mib(), batch_mib=bs * n_items * 4 / 2 ** 20,
                          recall20=metrics["recall@20"], cov50=metrics["coverage@50"]))
+    return rows
 
+
+def print_rows(rows: list[dict], n_items: int, dim: int, gflops: float, rss_after_load: float) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"float32 GEMM (2048^3 torch.mm): {gflops:.1f} GFLOP/s")
     print(f"scorer matmul: 2 x {rows[0]['users']} users x {n_items} items x {dim} = "
@@ -193,33 +116,44 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['score_s']:>13.2f} {r['batch_mib']:>16.0f} {r['rss']:>12.0f} {r['recall20']:>9.5f} {r['cov50']:>7.3f}")
     print("(random embeddings: recall is chance level; peak RSS is the process maximum so far, monotone)")
 
-    if args.plot:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        fresh = [r for r in rows if not r["reuse"]]
-        reused = [r for r in rows if r["reuse"]]
-        bs = [r["bs"] for r in fresh]
-        ax.plot(bs, [r["wall"] for r in fresh], "o-", label="evaluate, fresh scorer output")
+def plot(rows: list[dict], n_items: int, dim: int, score_only: bool, path: str) -> None:
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    fresh = [r for r in rows if not r["reuse"]]
+    reused = [r for r in rows if r["reuse"]]
+    bs = [r["bs"] for r in fresh]
+    ax.plot(bs, [r["wall"] for r in fresh], "o-", label="evaluate, fresh scorer output")
+    if reused:
+        ax.plot(bs, [r["wall"] for r in reused], "^-", label="evaluate, reused output buffer")
+    if score_only:
+        ax.plot(bs, [r["score_s"] for r in fresh], "s--", label="scorer calls only, fresh output")
         if reused:
-            ax.plot(bs, [r["wall"] for r in reused], "^-", label="evaluate, reused output buffer")
-        if not args.no_score_only:
-            ax.plot(bs, [r["score_s"] for r in fresh], "s--", label="scorer calls only, fresh output")
-            if reused:
-                ax.plot(bs, [r["score_s"] for r in reused], "v--", label="scorer calls only, reused buffer")
-        ax.axhline(rows[0]["floor"], color="grey", ls=":", label="GEMM floor")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size (users)")
-        ax.set_ylabel("seconds")
-        ax.set_title(f"Gowalla full ranking, {rows[0]['users']} users x {n_items} items, d={dim}")
-        ax.legend()
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+            ax.plot(bs, [r["score_s"] for r in reused], "v--", label="scorer calls only, reused buffer")
+    ax.axhline(rows[0]["floor"], color="grey", ls=":", label="GEMM floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (users)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Gowalla full ranking, {rows[0]['users']} users x {n_items} items, d={dim}")
+    ax.legend()
+    print(f"plot: {save_figure(fig, path)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = dataset_folder("gowalla", args.data_dir)
+    t = time.perf_counter()
+    train, test = load_lightgcn_dir(data_dir)
+    load_s = time.perf_counter() - t
+    rss_after_load = peak_rss_mib()
+    print(f"data: {data_dir}: {train.n_users} users, {train.n_items} items, "
+          f"{train.nnz} train + {test.nnz} test pairs, loaded in {load_s:.2f}s")
+    gflops = gemm_gflops()
+    rows = measure(args, train, test, gflops)
+    print_rows(rows, train.n_items, args.dim, gflops, rss_after_load)
+    if args.plot:
+        plot(rows, train.n_items, args.dim, not args.no_score_only, args.plot)
 
 
 if __name__ == "__main__":

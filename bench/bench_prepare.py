@@ -1,6 +1,7 @@
 """Benchmark `hetcomp prepare`: Gowalla (1.03M interactions) and synthetic power-law Parquet inputs.
 
-Each prepare runs in a fresh subprocess so its peak RSS (os.wait4) is its own.
+Each prepare runs in a fresh subprocess so its peak RSS (os.wait4) is its own. Gowalla comes from
+the registry: its mirror under $HETCOMP_DATASETS_DIR if set, else the registry's download.
 
     .venv/bin/python bench/bench_prepare.py --sizes 5 10 20 50 --plot bench/out/prepare.png
 """
@@ -8,18 +9,15 @@ Each prepare runs in a fresh subprocess so its peak RSS (os.wait4) is its own.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
+from hetcomp_dist.benchutil import pyplot, run_measured, save_figure
 
 
 def synthetic(path: Path, n_rows: int, seed: int = 0, chunk: int = 5_000_000) -> None:
@@ -41,16 +39,21 @@ def synthetic(path: Path, n_rows: int, seed: int = 0, chunk: int = 5_000_000) ->
                                row_group_size=1 << 20)
 
 
-def run_prepare(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+def run_prepare(args: list[str]) -> tuple[float, float]:
     """Run `hetcomp prepare ARGS` in a subprocess; return (seconds, peak RSS in MB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hetcomp_dist.cli", "prepare", *args, "--quiet"],
-                            env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"prepare {args} failed with status {status}")
-    return seconds, usage.ru_maxrss / 1024
+    child = run_measured([sys.executable, "-m", "hetcomp_dist.cli", "prepare", *args, "--quiet"], capture=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"prepare {args} failed with status {child.returncode}")
+    return child.seconds, child.peak_rss_mib
+
+
+def plot(synth: list[tuple[int, float, float]], path: str) -> None:
+    n, s, m = map(np.array, zip(*synth))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    a.plot(n / 1e6, s, "o-"), a.set_xlabel("interactions (M)"), a.set_ylabel("seconds"), a.set_title("prepare time")
+    b.plot(n / 1e6, m / 1024, "o-"), b.axhline(4, color="r", ls="--", label="4 GB target")
+    b.set_xlabel("interactions (M)"), b.set_ylabel("peak RSS (GB)"), b.set_title("prepare peak memory"), b.legend()
+    print(f"plot: {save_figure(fig, path)}")
 
 
 def main() -> None:
@@ -60,19 +63,17 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where inputs/outputs go (default: a temp dir)")
     ap.add_argument("--plot", help="PNG path for time and memory vs size")
     args = ap.parse_args()
-    env = dict(os.environ)
-    env.setdefault("HETCOMP_DATASETS_DIR", str(REPO.parent / "shared" / "datasets"))
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         if not args.no_gowalla:
-            seconds, mb = run_prepare(["gowalla", "--out", str(tmp / "gowalla")], env)
+            seconds, mb = run_prepare(["gowalla", "--out", str(tmp / "gowalla")])
             rows.append(("gowalla (LightGCN split)", 1_027_370, seconds, mb))
         for millions in args.sizes:
             n = int(millions * 1_000_000)
             src = tmp / f"synthetic_{n}.parquet"
             synthetic(src, n)
-            seconds, mb = run_prepare([str(src), "--out", str(tmp / f"out_{n}")], env)
+            seconds, mb = run_prepare([str(src), "--out", str(tmp / f"out_{n}")])
             rows.append((f"synthetic power-law {millions:g}M", n, seconds, mb))
             src.unlink()
     print(f"\n{'input':32s} {'rows':>12s} {'seconds':>9s} {'rows/s':>12s} {'peak RSS MB':>12s}")
@@ -84,18 +85,7 @@ def main() -> None:
         print(f"\ntime growth {n0 / 1e6:g}M -> {n1 / 1e6:g}M: x{s1 / s0:.1f} for x{n1 / n0:.1f} rows "
               f"(log-log slope {np.log(s1 / s0) / np.log(n1 / n0):.2f})")
     if args.plot and synth:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        n, s, m = map(np.array, zip(*synth))
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        a.plot(n / 1e6, s, "o-"), a.set_xlabel("interactions (M)"), a.set_ylabel("seconds"), a.set_title("prepare time")
-        b.plot(n / 1e6, m / 1024, "o-"), b.axhline(4, color="r", ls="--", label="4 GB target")
-        b.set_xlabel("interactions (M)"), b.set_ylabel("peak RSS (GB)"), b.set_title("prepare peak memory"), b.legend()
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        plot(synth, args.plot)
 
 
 if __name__ == "__main__":

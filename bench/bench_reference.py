@@ -10,24 +10,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_eval import gowalla_dir, load_lightgcn_dir, peak_rss_mib  # noqa: E402
-
-from hetcomp_dist.evaluate import evaluate  # noqa: E402
-from hetcomp_dist.reference import EASE, ItemKNN, MostPopular  # noqa: E402
+from hetcomp_dist.benchutil import dataset_folder, load_lightgcn_dir, peak_rss_mib
+from hetcomp_dist.evaluate import evaluate
+from hetcomp_dist.reference import EASE, ItemKNN, MostPopular
 
 KS = (10, 20, 50)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--dataset-uri", default=None, help="prepared dataset (hetcomp_dist.data.dataset.load_dataset)")
@@ -40,34 +34,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ease-lambda", type=float, default=500.0)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t = time.perf_counter()
+
+def load(args: argparse.Namespace):
+    """(train, ground truth, the splits to exclude besides train, a description of the source)."""
     if args.dataset_uri:
         from hetcomp_dist.data.dataset import load_dataset
 
         ds = load_dataset(args.dataset_uri)
-        train, truth = ds.train, ds.split(args.split)
-        exclude = [ds.test if args.split == "valid" else ds.valid]
-        source = f"{args.dataset_uri} ({args.split}; excluding train + {'test' if args.split == 'valid' else 'valid'})"
-    else:
-        data_dir = Path(args.data_dir) if args.data_dir else gowalla_dir()
-        train, truth, reader = load_lightgcn_dir(data_dir)
-        exclude = []
-        source = f"{data_dir} (test.txt; excluding train; read via {reader})"
-    print(f"data: {source}: {train.n_users} users, {train.n_items} items, {train.nnz} train pairs, "
-          f"{truth.nnz} ground-truth pairs, loaded in {time.perf_counter() - t:.1f}s; torch threads {torch.get_num_threads()}")
+        other = "test" if args.split == "valid" else "valid"
+        return (ds.train, ds.split(args.split), [ds.split(other)],
+                f"{args.dataset_uri} ({args.split}; excluding train + {other})")
+    data_dir = dataset_folder("gowalla", args.data_dir)
+    train, truth = load_lightgcn_dir(data_dir)
+    return train, truth, [], f"{data_dir} (test.txt; excluding train)"
 
+
+def fit_and_evaluate(args: argparse.Namespace, train, truth, exclude) -> list[tuple]:
+    """(name, fit s, eval s, peak RSS MiB, metrics) per model of --models that fits."""
     factories = {
         "mostpop": lambda: MostPopular(),
         "itemknn": lambda: ItemKNN(k=args.knn_k, shrink=args.knn_shrink, block_size=args.knn_block),
         "ease": lambda: EASE(lam=args.ease_lambda),
     }
     rows = []
-    for name in args.models.split(","):
-        name = name.strip()
+    for name in (n.strip() for n in args.models.split(",")):
         if name not in factories:
             raise SystemExit(f"unknown model {name!r}; choose from {sorted(factories)}")
         model = factories[name]()
@@ -81,7 +73,18 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         m = evaluate(model, train, truth, exclude, ks=KS, batch_size=args.batch_size)
         rows.append((name, fit_s, time.perf_counter() - t, peak_rss_mib(), m))
+    return rows
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    train, truth, exclude, source = load(args)
+    print(f"data: {source}: {train.n_users} users, {train.n_items} items, {train.nnz} train pairs, "
+          f"{truth.nnz} ground-truth pairs, loaded in {time.perf_counter() - t:.1f}s; torch threads {torch.get_num_threads()}")
+    rows = fit_and_evaluate(args, train, truth, exclude)
     label = {"itemknn": f"itemknn(k={args.knn_k},shrink={args.knn_shrink:g})", "mostpop": "mostpop",
              "ease": f"ease(lam={args.ease_lambda:g})"}
     header = (f"{'model':<26} {'fit s':>7} {'eval s':>7} {'R@10':>7} {'R@20':>7} {'N@20':>7} {'R@50':>7} {'N@50':>7} "

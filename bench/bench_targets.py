@@ -15,12 +15,10 @@ teachers for them are held in memory: users x teachers x K ids).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hetcomp_dist.benchutil import markdown_table, pyplot, save_figure
 
 
 def parse_rules(items: list[str]) -> list[tuple[str, float]]:
@@ -31,7 +29,7 @@ def parse_rules(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -40,25 +38,24 @@ def main() -> None:
                                                    "popularity:0.15,0.25,0.35"], metavar="RULE:V1,V2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plot", metavar="FILE.png")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def measure(cfg, n_users: int, rules: list[tuple[str, float]]) -> tuple[list[tuple], int, int]:
+    """(rule, strength, test metrics, seconds) per rule, "none" first; the users evaluated; K."""
     import torch
 
-    from hetcomp_dist import config
     from hetcomp_dist.data.dataset import load_dataset
     from hetcomp_dist.distill import dissensus
     from hetcomp_dist.distill.ensemble import ensemble_scores, rank_importance
     from hetcomp_dist.distill.ensemble_eval import teacher_names, trajectory_uris
     from hetcomp_dist.evaluate import evaluate_sums
-    from hetcomp_dist.run import RunConfig
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
-    torch.set_num_threads(args.threads)
-    cfg = config.load(RunConfig, args.config, args.set)
     data = load_dataset(cfg.dataset_uri)
     reader = TrajectoryReader(trajectory_uris(cfg, teacher_names(cfg)))
     users = data.eval_users()
-    users = users[users < args.users]
+    users = users[users < n_users]
     k = min(reader.ks)
     lists = reader.final(0, int(users[-1]) + 1, k=k)                         # [U, T, K], row = user id
     counts = dissensus.agreement_counts(lists, data.n_items)
@@ -66,9 +63,8 @@ def main() -> None:
     pop = dissensus.popularity_percentile(train_counts)
     item_counts = torch.from_numpy(train_counts).float()
     importance = rank_importance(k, cfg.distill.temperature)
-
     rows = []
-    for rule, strength in [("none", 0.0), *parse_rules(args.rules)]:
+    for rule, strength in [("none", 0.0), *rules]:
         t0 = time.perf_counter()
         weights = None if rule == "none" else dissensus.discount(rule, lists, counts, pop, item_counts, strength)
 
@@ -81,36 +77,50 @@ def main() -> None:
         rows.append((rule, strength, m, time.perf_counter() - t0))
         print(f"{rule:>10} {strength:<5g} R@50 {m['recall@50']:.4f} N@50 {m['ndcg@50']:.4f} "
               f"lift {m['popularity_lift@50']:+.1f}% cov {m['coverage@50']:.3f}", flush=True)
+    return rows, len(users), k
 
+
+def render(rows: list[tuple]) -> str:
+    """Markdown: one row per rule and strength, with its change against no discount."""
     base = rows[0][2]
-    print(f"\n{Path(args.config).name}: {len(users)} users, T={cfg.distill.temperature:g}, K={k}; "
-          f"target = the final ensemble with strategy A's discount\n")
-    print("| rule | strength | R@50 | N@50 | popularity lift@50 | coverage@50 | R@50 vs none | lift vs none |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for rule, strength, m, _ in rows:
-        print(f"| {rule} | {strength:g} | {m['recall@50']:.4f} | {m['ndcg@50']:.4f} | {m['popularity_lift@50']:+.1f}% "
-              f"| {m['coverage@50']:.3f} | {m['recall@50'] / base['recall@50'] - 1:+.1%} "
-              f"| {m['popularity_lift@50'] / base['popularity_lift@50'] - 1:+.0%} |")
-    if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    body = [[rule, f"{strength:g}", f"{m['recall@50']:.4f}", f"{m['ndcg@50']:.4f}", f"{m['popularity_lift@50']:+.1f}%",
+             f"{m['coverage@50']:.3f}", f"{m['recall@50'] / base['recall@50'] - 1:+.1%}",
+             f"{m['popularity_lift@50'] / base['popularity_lift@50'] - 1:+.0%}"] for rule, strength, m, _ in rows]
+    return markdown_table(["rule", "strength", "R@50", "N@50", "popularity lift@50", "coverage@50", "R@50 vs none",
+                           "lift vs none"], body)
 
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for rule in dict.fromkeys(r[0] for r in rows[1:]):
-            pts = [rows[0]] + [r for r in rows if r[0] == rule]
-            ax.plot([p[2]["popularity_lift@50"] for p in pts], [p[2]["recall@50"] for p in pts], "o-", label=rule)
-            for _, s, m, _ in pts[1:]:
-                ax.annotate(f"{s:g}", (m["popularity_lift@50"], m["recall@50"]), xytext=(3, 3),
-                            textcoords="offset points", fontsize=7)
-        ax.set_xlabel("popularity lift@50 of the target (%)")
-        ax.set_ylabel("test recall@50 of the target")
-        ax.set_title(f"strategy A rules on the target ({Path(args.config).stem})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+
+def plot(rows: list[tuple], title: str, path: str) -> None:
+    fig, ax = pyplot().subplots(figsize=(6, 4.2))
+    for rule in dict.fromkeys(r[0] for r in rows[1:]):
+        pts = [rows[0]] + [r for r in rows if r[0] == rule]
+        ax.plot([p[2]["popularity_lift@50"] for p in pts], [p[2]["recall@50"] for p in pts], "o-", label=rule)
+        for _, s, m, _ in pts[1:]:
+            ax.annotate(f"{s:g}", (m["popularity_lift@50"], m["recall@50"]), xytext=(3, 3),
+                        textcoords="offset points", fontsize=7)
+    ax.set_xlabel("popularity lift@50 of the target (%)")
+    ax.set_ylabel("test recall@50 of the target")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    print(f"plot: {save_figure(fig, path)}")
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from hetcomp_dist import config
+    from hetcomp_dist.run import RunConfig
+
+    torch.set_num_threads(args.threads)
+    cfg = config.load(RunConfig, args.config, args.set)
+    rows, n_users, k = measure(cfg, args.users, parse_rules(args.rules))
+    print(f"\n{Path(args.config).name}: {n_users} users, T={cfg.distill.temperature:g}, K={k}; "
+          f"target = the final ensemble with strategy A's discount\n")
+    print(render(rows))
+    if args.plot:
+        plot(rows, f"strategy A rules on the target ({Path(args.config).stem})", args.plot)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ takes on an idle one (an upper bound where threads spin while waiting).
 
     .venv/bin/python bench/bench_teachers.py --max-batches 20 [--models bpr_mf,cml] [--threads 2] [--plot]
 
-Data: a prepared dataset (``hetcomp prepare gowalla --out /tmp/ds/gowalla``), ``--data`` to change.
+Data: a prepared dataset, ``--data`` (e.g. ``hetcomp prepare gowalla --out runs/gowalla/dataset``).
 Writes the table to bench/out/teachers.txt and, with --plot, a bar chart to bench/out/teachers.png.
 """
 
@@ -35,15 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hetcomp_dist import models  # noqa: E402
-from hetcomp_dist.data.dataset import load_dataset  # noqa: E402
-from hetcomp_dist.models.tables import Tables  # noqa: E402
+from hetcomp_dist import models
+from hetcomp_dist.benchutil import pyplot, save_figure
+from hetcomp_dist.data.dataset import load_dataset
+from hetcomp_dist.models.tables import Tables
 
 OUT = Path(__file__).resolve().parent / "out"
 FAMILIES = ("bpr_mf", "cml", "neumf", "lightgcn", "multvae", "item_ae")
@@ -151,9 +150,9 @@ def config_teachers(path: str) -> dict[str, tuple[dict, int]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/tmp/ds/gowalla", help="prepared dataset (hetcomp prepare)")
+    ap.add_argument("--data", required=True, help="prepared dataset (hetcomp prepare), e.g. runs/gowalla/dataset")
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "gowalla.yaml"),
                     help="run config whose teachers give each family's params and batch size ('none': defaults)")
     ap.add_argument("--models", default=",".join(FAMILIES))
@@ -166,8 +165,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch's default Adam instead of the fused one that teachers/train.py uses")
     ap.add_argument("--plot", action="store_true", help="draw bench/out/teachers.png")
     args = ap.parse_args(argv)
+    unknown = sorted({n for n in args.models.split(",") if n} - set(models.MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; registered: {sorted(models.MODELS)}")
+    return args
 
-    torch.set_num_threads(args.threads)
+
+def settings(args: argparse.Namespace) -> tuple[dict[str, int], dict[str, dict]]:
+    """Each family's batch size and params: the defaults, the config's teachers, then --batch-size."""
     sizes, params = dict(BATCH_SIZES), {}
     if args.config != "none":
         for model, (p, b) in config_teachers(args.config).items():
@@ -175,25 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.batch_size:
         k, v = item.split("=")
         sizes[k] = int(v)
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(models.MODELS))
-    if unknown:
-        ap.error(f"unknown model(s) {unknown}; registered: {sorted(models.MODELS)}")
-    data = load_dataset(args.data)
-    fused = not args.unfused_adam
-    adam = "fused" if fused else "default"
-    print(f"data {args.data}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train interactions; "
-          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {adam}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return sizes, params
 
-    rows = []
-    for name in names:
-        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, fused,
-                    params.get(name))
-        rows.append(row)
-        print(f"  {name} {row['params']}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch "
-              f"(cpu {row['torchrec cpu']:.1f} vs {row['nn.Embedding cpu']:.1f})", flush=True)
 
+def render(rows: list[dict]) -> str:
     header = (f"{'model':<9} {'batch':>6} {'batches/ep':>10} {'timed':>6} {'torchrec s/ep':>14} {'nn.Embedding s/ep':>18} "
               f"{'ratio':>6} {'torchrec cpu s/ep':>18} {'nn.Emb cpu s/ep':>16} {'cpu ratio':>9}")
     lines = [header, "-" * len(header)]
@@ -203,28 +193,45 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['torchrec cpu']:>18.2f} {r['nn.Embedding cpu']:>16.2f} {r['cpu ratio']:>9.2f}")
     lines.append("params: " + "; ".join(f"{r['model']} {r['params']}" for r in rows))
     lines.append(f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], threads: int, path: Path) -> None:
+    x = np.arange(len(rows))
+    fig, ax = pyplot().subplots(figsize=(1.4 * len(rows) + 2, 3.5))
+    ax.bar(x - 0.2, [r["torchrec"] for r in rows], 0.4, label="TorchRec EBC")
+    ax.bar(x + 0.2, [r["nn.Embedding"] for r in rows], 0.4, label="nn.Embedding")
+    ax.axhline(15, color="grey", ls="--", lw=1, label="15 s target")
+    ax.set_xticks(x, [r["model"] for r in rows])
+    ax.set_ylabel("s / epoch (Gowalla)")
+    ax.set_title(f"teacher epoch time, {threads} threads")
+    ax.legend()
+    print(f"plot: {save_figure(fig, path)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes, params = settings(args)
+    data = load_dataset(args.data)
+    fused = not args.unfused_adam
+    adam = "fused" if fused else "default"
+    print(f"data {args.data}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train interactions; "
+          f"threads {torch.get_num_threads()}; torch {torch.__version__}; Adam {adam}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    rows = []
+    for name in (n for n in args.models.split(",") if n):
+        row = bench(name, data, sizes[name], args.max_batches, args.epochs, args.chunk, fused, params.get(name))
+        rows.append(row)
+        print(f"  {name} {row['params']}: {row['torchrec']:.1f} s vs {row['nn.Embedding']:.1f} s per epoch "
+              f"(cpu {row['torchrec cpu']:.1f} vs {row['nn.Embedding cpu']:.1f})", flush=True)
+    table = render(rows)
     print(table)
-    OUT.mkdir(exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "teachers.txt").write_text(f"$ bench/bench_teachers.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
                                       f"threads {args.threads}, Adam {adam}\n{table}\n")
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x = np.arange(len(rows))
-        fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.5))
-        ax.bar(x - 0.2, [r["torchrec"] for r in rows], 0.4, label="TorchRec EBC")
-        ax.bar(x + 0.2, [r["nn.Embedding"] for r in rows], 0.4, label="nn.Embedding")
-        ax.axhline(15, color="grey", ls="--", lw=1, label="15 s target")
-        ax.set_xticks(x, [r["model"] for r in rows])
-        ax.set_ylabel("s / epoch (Gowalla)")
-        ax.set_title(f"teacher epoch time, {args.threads} threads")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(OUT / "teachers.png", dpi=120)
-        print(f"plot: {OUT / 'teachers.png'}")
+        plot(rows, args.threads, OUT / "teachers.png")
 
 
 if __name__ == "__main__":

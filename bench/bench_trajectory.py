@@ -28,16 +28,12 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hetcomp_dist import storage  # noqa: E402
-from hetcomp_dist.teachers.trajectory import TrajectoryReader, TrajectoryWriter  # noqa: E402
+from hetcomp_dist import storage
+from hetcomp_dist.teachers.trajectory import TrajectoryReader, TrajectoryWriter
 
 BUCKET = "bench-trajectory"
 

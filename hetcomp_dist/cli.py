@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hetcomp_dist import storage
+from hetcomp_dist import compare, storage
 from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.data import registry
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _distill_parser(sub)
     _ensemble_parser(sub)
     _demo_parser(sub)
+    compare.add_parser(sub)
     return parser
 
 

@@ -42,6 +42,8 @@ def test_pipeline_end_to_end_and_rerun_reuses(tmp_path: Path, datasets_dir: Path
     for name in names:
         assert f"| {name} | " in report
     assert {"prepare", "teachers", "ensemble", "student (hetcomp)"} <= set(result["seconds"])
+    assert storage.read_bytes(storage.join(cfg.run, "report"), "report.png")[:4] == b"\x89PNG"
+    assert "== [2/5] teachers ==" in first.stdout                     # stage headers for a person
     assert "distilling: hetcomp" in first.stdout and f"run written to {cfg.run}" in first.stdout
 
     again = subprocess.run([sys.executable, "-m", "hetcomp_dist.cli", "demo", "--config", str(path)],
@@ -59,7 +61,17 @@ def test_pipeline_end_to_end_and_rerun_reuses(tmp_path: Path, datasets_dir: Path
     table = [line for line in targets.stdout.splitlines() if line.startswith("| ") and "rule" not in line]
     assert [line.split(" | ")[0] for line in table] == ["| none", "| consensus", "| contested", "| popularity"]
     inference = subprocess.run([sys.executable, str(REPO / "bench" / "bench_inference.py"), "--config", str(path),
-                                "--users", "200", "--repeat", "1", "--out", str(tmp_path / "inference")],
+                                "--users", "200", "--repeat", "1", "--out", str(tmp_path / "compare")],
                                capture_output=True, text=True, env=env, timeout=600)
     assert inference.returncode == 0, inference.stderr[-3000:]
-    assert "| parameters |" in (tmp_path / "inference" / "inference.md").read_text()
+    assert "| parameters |" in (tmp_path / "compare" / "inference.md").read_text()
+    # `hetcomp compare` without sweep flags is the demo's two students: both reused, the serving cost joined
+    compare = subprocess.run([sys.executable, "-m", "hetcomp_dist.cli", "compare", "--config", str(path), "--out",
+                              str(tmp_path / "compare"), "--results-doc", str(tmp_path / "results" / "tiny.md")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "bpr (student alone): reused" in compare.stdout and "HetComp: reused" in compare.stdout
+    assert "] epoch" not in compare.stdout
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "| bpr (student alone) |" in report and "| **HetComp** |" in report and "| parameters |" in report
+    assert "| **HetComp** |" in (tmp_path / "results" / "tiny.md").read_text()
