@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -13,11 +14,19 @@ from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.data import registry
 from hetcomp_dist.data.formats import FORMATS, Columns, DataError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+def _demo_config() -> str:
+    """configs/demo.yaml of the working directory (the image's /app), else of the source checkout."""
+    here = Path("configs") / "demo.yaml"
+    return str(here if here.is_file() else Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
+
+
+def _add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text: one readable line per evaluation and a summary table; json: every event as a JSON line")
 
 
 def _prepare_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,18 +126,17 @@ def _train_teachers_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train_teachers(args: argparse.Namespace) -> None:
-    from hetcomp_dist import config
-    from hetcomp_dist.run import RunConfig
+    from hetcomp_dist.run import load_run
     from hetcomp_dist.teachers.actors import TeachersFailed, format_summary, train_teachers
 
-    cfg = config.load(RunConfig, args.config, args.overrides)
+    cfg = load_run(args.config, args.overrides)
     try:
         summaries = train_teachers(cfg, sequential=args.sequential)
     except TeachersFailed as e:  # each failure's traceback is printed above
         print(f"hetcomp {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(format_summary(summaries, cfg.ks))
-    print(f"summary written to {storage.join(cfg.run, 'teachers', 'summary')}")
+    print(f"summary written to {cfg.layout.teachers_summary}")
 
 
 def _distill_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,32 +149,43 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set distill.method=final_ensemble")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Train with distill.workers workers (ray.address / $RAY_ADDRESS, else a local Ray)")
+    _add_log_format(p)
     p.set_defaults(func=_cmd_distill)
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
-    import json
-
-    from hetcomp_dist import config
+    from hetcomp_dist.distill.report import metric_table
     from hetcomp_dist.pipeline import distill_run
-    from hetcomp_dist.run import RunConfig
+    from hetcomp_dist.progress import Progress
+    from hetcomp_dist.run import load_run
 
-    cfg = config.load(RunConfig, args.config, args.overrides)
-    if cfg.storage.endpoint_url:
-        storage.configure(endpoint_url=cfg.storage.endpoint_url)
-
-    def show(event: dict) -> None:
-        if "valid" in event:
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}), flush=True)
-
+    cfg = load_run(args.config, args.overrides)
+    out = cfg.student_uri()
     if args.ray:
         from hetcomp_dist.distill.ray_job import distill_ray
 
-        metrics = distill_ray(cfg)
+        metrics = distill_ray(cfg, log_format=args.log_format)
     else:
-        metrics = distill_run(cfg, show)
+        progress = Progress(f"student {cfg.distill.method}", cfg.distill.max_epochs, cfg.distill.select_metric,
+                            args.log_format, tensorboard_uri(cfg, out))
+        try:
+            metrics = distill_run(cfg, progress)
+        finally:
+            progress.close()
+    if args.log_format == "json":
+        print(json.dumps({"event": "summary", "out": out, "test": metrics["test"]}))
+        return
     t = metrics["test"]
-    print(f"student ({metrics['method']}): test " + ", ".join(f"{k} {t[k]:.4f}" for k in t if k.startswith(("recall", "ndcg"))))
+    print(f"\nstudent ({metrics['method']}): test " + ", ".join(f"{k} {t[k]:.4f}" for k in t if k.startswith(("recall", "ndcg"))))
+    print(f"best epoch {metrics['best_epoch']} of {metrics['epochs']}, {metrics['train_seconds']:.0f} s of training, "
+          f"{t.get('n_users', '?')} test users\n")
+    print("\n".join(metric_table(t)))
+    print(f"written to {out}")
+
+
+def tensorboard_uri(cfg, out: str) -> str:
+    """TensorBoard event files of a student: ``<run>/tensorboard/student-<name of its output>``."""
+    return cfg.layout.tensorboard("student-" + out.rstrip("/").rsplit("/", 1)[-1])
 
 
 def _ensemble_parser(sub: argparse._SubParsersAction) -> None:
@@ -185,19 +204,16 @@ def _ensemble_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> None:
-    from hetcomp_dist import config
     from hetcomp_dist.distill import ensemble_eval
-    from hetcomp_dist.run import RunConfig
+    from hetcomp_dist.run import load_run
 
-    cfg = config.load(RunConfig, args.config, args.overrides)
-    if cfg.storage.endpoint_url:
-        storage.configure(endpoint_url=cfg.storage.endpoint_url)
+    cfg = load_run(args.config, args.overrides)
 
     def show(done: int, total: int) -> None:
         print(f"\rensemble evaluation: users {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     results = ensemble_eval.evaluate_ensemble(cfg, args.temperature, progress=None if args.quiet else show)
-    out = args.out or storage.join(cfg.run, "ensemble")
+    out = args.out or cfg.layout.ensemble
     ensemble_eval.write_results(results, out)
     print(f"temperature {results['temperature']:g}, {results['n_users']} evaluated users, "
           f"{results['seconds']:.1f} s")
@@ -213,23 +229,23 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                        description="Runs configs/demo.yaml (or --config): prepare, train the teachers as concurrent "
                        "Ray actors under time budgets, evaluate their ensemble, distil the student alone (BPR) and the "
                        "HetComp student, and write <run>/report. Complete stages are reused, so a rerun only fills gaps.")
-    p.add_argument("--config", default=str(DEMO_CONFIG), metavar="FILE", help="run config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=_demo_config(), metavar="FILE", help="run config (default: configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set run=/tmp/demo")
+    _add_log_format(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     import time
 
-    from hetcomp_dist import config
     from hetcomp_dist.pipeline import run_pipeline
-    from hetcomp_dist.run import RunConfig
+    from hetcomp_dist.run import load_run
 
-    cfg = config.load(RunConfig, args.config, args.overrides)
+    cfg = load_run(args.config, args.overrides)
     t0 = time.perf_counter()
-    run_pipeline(cfg)
-    print(f"run written to {cfg.run} in {time.perf_counter() - t0:.0f} s (report: {storage.join(cfg.run, 'report')})")
+    run_pipeline(cfg, log_format=args.log_format)
+    print(f"run written to {cfg.run} in {time.perf_counter() - t0:.0f} s (report: {cfg.layout.report})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,12 @@ checked when the config is loaded and again here, so that no name from a config 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from hetcomp_dist import storage
-from hetcomp_dist.config import Where, check_metric, check_name, check_ranges, check_unique, check_uri
+from hetcomp_dist import config
+from hetcomp_dist.config import ConfigError, Where, check_metric, check_name, check_ranges, check_unique, check_uri
 from hetcomp_dist.data import formats
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.distill.config import DistillConfig
@@ -139,6 +141,26 @@ class RunLayout:
 
     def tensorboard(self, name: str) -> str:
         return self._at("tensorboard", check_name(name, "tensorboard run name"))
+
+
+def load_run(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """A run config for an entry point: loaded strictly, checked for where it runs, storage configured."""
+    cfg = config.load(RunConfig, path, list(overrides))
+    check_outputs_outlive_the_job(cfg)
+    configure_storage(cfg)
+    return cfg
+
+
+def check_outputs_outlive_the_job(cfg: RunConfig) -> None:
+    """Under a Ray job (``ray job submit``) the driver's cwd is a temporary copy of the working dir:
+    relative output paths would land there and be lost, so they are refused."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return
+    for key, uri in (("run", cfg.run), ("distill.out", cfg.distill.out)):
+        if uri and "://" not in uri and not os.path.isabs(uri):
+            raise ConfigError(f"{key}: {uri!r} is a relative path; under a Ray job it would be written into the "
+                              "job's temporary working directory and lost: use an s3:// URI or an absolute path "
+                              "on storage every node shares")
 
 
 def configure_storage(cfg: RunConfig) -> None:

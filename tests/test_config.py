@@ -72,3 +72,19 @@ def test_compatible_is_one_rule_built_on_from_dict():
     for stored in ({"lr": 0.01, "gone": 1}, {"lr": "fast"}, None, []):
         assert config.differences(DistillConfig, stored, now) is None
         assert not config.compatible(DistillConfig, stored, now)
+
+
+def test_relative_outputs_are_refused_under_a_ray_job(tmp_path, monkeypatch):
+    from hetcomp_dist.config import ConfigError
+    from hetcomp_dist.run import load_run
+
+    path = tmp_path / "c.yaml"
+    path.write_text("run: runs/x\ndata: {source: ml-100k}\n")
+    assert load_run(str(path)).run == "runs/x"                       # on a laptop: relative to the cwd
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")          # what `ray job submit` sets for the driver
+    with pytest.raises(ConfigError, match="run: 'runs/x' is a relative path; under a Ray job"):
+        load_run(str(path))
+    assert load_run(str(path), [f"run={tmp_path}/abs"]).run == f"{tmp_path}/abs"
+    assert load_run(str(path), ["run=s3://bucket/x"]).run == "s3://bucket/x"
+    with pytest.raises(ConfigError, match="distill.out"):
+        load_run(str(path), ["run=s3://bucket/x", "distill.out=out/here"])
