@@ -243,8 +243,12 @@ def differences(cls: type[T], stored: Any, current: T, ignore: tuple[str, ...] =
     The one rule for "is this the same run": ``stored`` (a config as written to storage) is read
     with :func:`from_dict`, so a field added since it was written takes its default (a new option
     never invalidates finished work) and an unknown key, a wrong type or a value out of range makes
-    it unreadable: None.
+    it unreadable: None. Keys a class renamed (its ``RENAMED`` mapping, old -> new) are read under
+    their new names, so work stored before a rename still counts.
     """
+    renamed = getattr(cls, "RENAMED", {})
+    if isinstance(stored, dict) and renamed:
+        stored = {renamed.get(k, k): v for k, v in stored.items()}
     try:
         then = from_dict(cls, stored, "stored config")
     except ConfigError:

@@ -88,3 +88,14 @@ def test_relative_outputs_are_refused_under_a_ray_job(tmp_path, monkeypatch):
     assert load_run(str(path), ["run=s3://bucket/x"]).run == "s3://bucket/x"
     with pytest.raises(ConfigError, match="distill.out"):
         load_run(str(path), ["run=s3://bucket/x", "distill.out=out/here"])
+
+
+def test_stored_configs_are_read_under_renamed_keys():
+    from hetcomp_dist.teachers.config import TeacherConfig
+
+    now = TeacherConfig(name="MF", model="bpr_mf", max_train_seconds=100.0)
+    assert config.compatible(TeacherConfig, {"name": "MF", "model": "bpr_mf", "max_seconds": 100.0}, now)
+    assert config.differences(TeacherConfig, {"name": "MF", "model": "bpr_mf", "max_seconds": 5.0}, now) == \
+        ["max_train_seconds"]
+    with pytest.raises(ConfigError, match="max_seconds"):        # a user's config gets no such leniency
+        config.from_dict(TeacherConfig, {"name": "MF", "model": "bpr_mf", "max_seconds": 1.0})

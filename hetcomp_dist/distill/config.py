@@ -10,6 +10,7 @@ from hetcomp_dist.config import Where, check_metric, check_name, check_ranges, c
 
 @dataclass
 class DistillConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"max_seconds": "max_train_seconds"}   # stored configs' older names
     method: Literal["hetcomp", "final_ensemble", "bpr"] = "hetcomp"
     teachers: list[str] = field(default_factory=list)   # default: every teacher of the run config
     dim: int = 6

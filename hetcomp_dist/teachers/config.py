@@ -12,6 +12,7 @@ from hetcomp_dist.config import Where, check_metric, check_name, check_ranges
 @dataclass
 class TeacherConfig:
     """One teacher. ``model`` is a registry name; ``params`` its hyper-parameters (checked)."""
+    RENAMED: ClassVar[dict[str, str]] = {"max_seconds": "max_train_seconds"}   # stored configs' older names
 
     name: str
     model: str
