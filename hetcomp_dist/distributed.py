@@ -60,3 +60,12 @@ def all_reduce_ranking_sums(sums: RankingSums) -> RankingSums:
     return RankingSums(ks=sums.ks, n_users=int(round(v[0])), gap_profile=float(v[1]), n_profile=int(round(v[2])),
                        recall=v[3:3 + nk], ndcg=v[3 + nk:3 + 2 * nk], gap_rec=v[3 + 2 * nk:3 + 3 * nk],
                        arp=v[3 + 3 * nk:3 + 4 * nk], covered=covered.numpy().astype(bool))
+
+
+def evaluate(scorer, data, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
+    """Metrics of ``scorer`` over every rank's users: this rank's sums (its ``users``), all-reduced."""
+    from hetcomp_dist.evaluate import evaluate_sums
+
+    sums = evaluate_sums(scorer, data.train, data.split(split), exclude=[data.held_out_besides(split)],
+                         ks=ks, users=users)
+    return all_reduce_ranking_sums(sums).metrics()

@@ -198,3 +198,28 @@ def test_single_slot_checkpoint_of_older_versions_still_resumes(run, tmp_path):
     storage.remove(storage.join(out, "checkpoints"))
     done = distill(ds_uri, uris, cfg, out, ks=(10,))
     assert done["resumed_from"] == [10] and [h["epoch"] for h in done["history"]] == [5, 10, 15, 20]
+
+
+def test_teacher_weights_chosen_on_valid_reach_the_targets(run, tmp_path):
+    """distill.teacher_weights=valid: the weights come from the teachers' valid metrics and the final
+    ensemble's valid score, are recorded in metrics.json, and the student still distils."""
+    import shutil
+
+    ds_uri, uris, _ = run
+    copies = []
+    for t, uri in enumerate(uris):
+        copy = tmp_path / f"t{t}"
+        shutil.copytree(uri, copy)
+        manifest = copy / storage.MANIFEST
+        written = json.loads(manifest.read_text())
+        written["summary"] = {"valid": {"recall@10": [0.4, 0.1][t]}}
+        manifest.write_text(json.dumps(written))
+        copies.append(str(copy))
+    cfg = DistillConfig(**{**_cfg("final_ensemble").__dict__, "max_epochs": 10, "teacher_weights": "valid"})
+    metrics = distill(ds_uri, copies, cfg, str(tmp_path / "weighted"), ks=(10,))
+    record = metrics["teacher_weights"]
+    assert record["teacher_valid"] == pytest.approx([0.4, 0.1]) and len(record["weights"]) == 2
+    assert set(record["ensemble_valid"]) == {"0.0", "0.5", "1.0", "2.0", "4.0"}
+    chosen = record["ensemble_valid"][str(record["power"])]
+    assert chosen == max(record["ensemble_valid"].values())           # the best on valid, never test
+    assert metrics["test"]["recall@10"] > 0

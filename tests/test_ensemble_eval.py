@@ -78,7 +78,7 @@ def run(tmp_path_factory):
 def _cfg(run_uri: str, **distill) -> RunConfig:
     return from_dict(RunConfig, {"run": run_uri, "data": {"source": "unused"}, "ks": [10, 20],
                                  "eval_batch_size": 7, "teachers": [{"name": n, "model": "bpr_mf"} for n in TEACHERS],
-                                 "distill": distill})
+                                 "distill": {"select_metric": "recall@20", **distill}})
 
 
 def _reference_recall(data, lists: np.ndarray, temperature: float, k: int, split: str = "test") -> float:
@@ -157,7 +157,8 @@ def test_cli_prints_tables_and_writes_output(run, tmp_path, capsys):
     run_uri, _ = run
     conf = tmp_path / "run.yaml"
     conf.write_text(yaml.safe_dump({"run": run_uri, "data": {"source": "unused"}, "ks": [10, 20],
-                                    "teachers": [{"name": n, "model": "bpr_mf"} for n in TEACHERS]}))
+                                    "teachers": [{"name": n, "model": "bpr_mf"} for n in TEACHERS],
+                                    "distill": {"select_metric": "recall@20"}}))
     assert cli.main(["ensemble", "--config", str(conf), "--temperature", "40", "--quiet"]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
@@ -198,3 +199,34 @@ def test_bad_settings(run):
     cfg.ks = [10, 100]
     with pytest.raises(ConfigError, match="K=50"):
         ensemble_eval.evaluate_ensemble(cfg)
+
+
+def test_valid_weighted_ensemble_stands_up_to_weak_teachers(tmp_path):
+    """One teacher that knows each user's valid and test items, three that are noise: the equal-weight
+    ensemble drowns the good one; weights chosen on valid (never test) keep the ensemble at its level."""
+    run_uri = str(tmp_path / "run")
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(N_USERS), 15)
+    items = np.concatenate([rng.choice(N_ITEMS, size=15, replace=False) for _ in range(N_USERS)])
+    pq.write_table(pa.table({"user": users, "item": items}), tmp_path / "log.parquet")
+    prepare(str(tmp_path / "log.parquet"), storage.join(run_uri, "dataset"), progress=False)
+    data = load_dataset(storage.join(run_uri, "dataset"))
+    names = ["good", "weak1", "weak2", "weak3"]
+    for t, name in enumerate(names):
+        writer = TrajectoryWriter(RunLayout(run_uri).trajectory(name), model=name, n_users=data.n_users, k=K,
+                                  n_items=data.n_items)
+        kind = "oracle" if name == "good" else "noise"                # the weak ones agree with each other
+        writer.write_snapshot(1, {"recall@20": 0.5}, [(np.arange(data.n_users), _unobserved_lists(data, kind, min(t, 1)))])
+        observed = data.train.padded(np.arange(data.n_users), width=15).astype(np.int32)
+        summary = {"valid": {"recall@10": 0.9 if name == "good" else 0.05}}     # what train_teacher records
+        writer.finish([(np.arange(data.n_users), observed)], extra={"summary": summary})
+    cfg = from_dict(RunConfig, {"run": run_uri, "data": {"source": "unused"}, "ks": [10, 20],
+                                "teachers": [{"name": n, "model": "bpr_mf"} for n in names],
+                                "distill": {"select_metric": "recall@10", "teacher_weights": "valid"}})
+    res = ensemble_eval.evaluate_ensemble(cfg, temperature=10.0)
+    good = res["models"]["good"]["test"]["recall@10"]
+    assert res["models"]["ensemble"]["test"]["recall@10"] < good - 0.1              # dragged down
+    assert res["models"]["ensemble (valid-weighted)"]["test"]["recall@10"] >= good - 0.02
+    record = res["teacher_weights"]
+    assert record["chosen"] != "ensemble (weights p=0)" and record["weights"][0] > 3 * record["weights"][1]
+    assert "valid-weighted ensemble" in ensemble_eval.format_comparison(res)

@@ -37,13 +37,16 @@ class DistillConfig:
     dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
     dissensus_rule: Literal["consensus", "contested", "popularity"] = "consensus"  # strategy A's discount (dissensus.py)
     dissensus_weight: float = 0.0    # strategy B, gamma: up-weight target items few teachers agree on (and niche)
-    ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by pop(i)^-eta (mean 1 per user)
+    ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by count(i)^-eta (mean 1 per user)
     pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
     sampled_negatives: int = 0       # 0: exact softmax over all unobserved items; n: n uniform samples, log-Q corrected
     seed: int = 0
     threads: int = 2
     out: str | None = None           # default: <run>/distill/<method>
-    checkpoint: bool = True          # write <out>/checkpoint at every evaluation, resume from it
+    checkpoint: bool = True          # write <out>/checkpoints/epoch-N at every evaluation, resume from them
+    # equal: every teacher counts alike (the paper); valid: teacher t weighs valid_metric_t^p, the power p
+    # (0 = equal, ...) chosen by the final ensemble's valid select_metric (never test)
+    teacher_weights: Literal["equal", "valid"] = "equal"
     workers: int = 1                 # Ray Train workers (hetcomp distill --ray, jobs/distill.py)
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0

@@ -54,12 +54,17 @@ class ListScorer:
         lists: int [n_users, T, K] (e.g. every teacher's final snapshot).
     """
 
-    def __init__(self, lists: torch.Tensor, n_items: int, temperature: float = 10.0):
-        self.lists, self.n_items = lists, n_items
+    def __init__(self, lists: torch.Tensor, n_items: int, temperature: float = 10.0,
+                 teacher_weights: torch.Tensor | None = None):
+        self.lists, self.n_items, self.teacher_weights = lists, n_items, teacher_weights
         self.importance = rank_importance(lists.shape[-1], temperature)
 
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
-        return ensemble_scores(self.lists[users], self.n_items, self.importance)
+        lists = self.lists[users]
+        weights = None
+        if self.teacher_weights is not None:
+            weights = self.teacher_weights.view(1, -1, 1).expand(lists.shape[0], -1, lists.shape[-1])
+        return ensemble_scores(lists, self.n_items, self.importance, weights)
 
 
 def shifted_scorer(scorer: ListScorer, first: int) -> Callable[[torch.Tensor], torch.Tensor]:

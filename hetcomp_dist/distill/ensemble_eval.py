@@ -33,6 +33,7 @@ import torch
 from hetcomp_dist import storage
 from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import load_dataset
+from hetcomp_dist.distill import teacher_weights
 from hetcomp_dist.distill.ensemble import ListScorer, shifted_scorer
 from hetcomp_dist.evaluate import RankingSums, evaluate_sums
 from hetcomp_dist.run import RunConfig
@@ -41,6 +42,7 @@ from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 
 ENSEMBLE = "ensemble"
+WEIGHTED = "ensemble (valid-weighted)"
 KIND = "ensemble-evaluation"
 POP_K = 50                       # popularity lift, ARP and coverage are reported at this cutoff
 COMPARE_METRIC = "recall@50"     # the ensemble-vs-best-teacher check (test split)
@@ -102,8 +104,42 @@ def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
     if max(ks) > k_list:
         raise ConfigError(f"cutoff {max(ks)} exceeds the teachers' list length K={k_list}")
 
+    weighted = _weight_candidates(cfg, reader, uris)
+    models = [*names, ENSEMBLE, *weighted]
+    results_models = _stream(cfg, data, reader, names, models, weighted, ks, k_list, temperature, block_users, progress)
+    weights_record = None
+    if weighted:
+        results_models, weights_record = _choose_weighted(cfg, results_models, weighted)
+    teachers = [{"name": n, "uri": u, "model": m.get("model"), "final_epoch": m["trajectory"][-1]["epoch"]}
+                for n, u, m in zip(names, uris, reader.manifests)]
+    return {
+        "dataset": cfg.dataset_uri,
+        "temperature": temperature,
+        "ks": list(ks),
+        "report_ks": [int(k) for k in cfg.ks],
+        "list_k": k_list,
+        "n_users": int(len(data.eval_users())),
+        "teachers": teachers,
+        "models": results_models,
+        "comparison": compare(results_models, names),
+        "teacher_weights": weights_record,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _weight_candidates(cfg: RunConfig, reader: TrajectoryReader, uris: list[str]) -> dict[str, torch.Tensor]:
+    """Model name -> teacher weights to evaluate besides the equal-weight ensemble (distill.teacher_weights)."""
+    if cfg.distill.teacher_weights == "equal":
+        return {}
+    values = teacher_weights.valid_metrics(reader.manifests, uris, cfg.distill.select_metric)
+    return {f"ensemble (weights p={p:g})": w for p, w in teacher_weights.candidates(values).items()}
+
+
+def _stream(cfg: RunConfig, data, reader: TrajectoryReader, names: list[str], models: list[str],
+            weighted: dict[str, torch.Tensor], ks: tuple[int, ...], k_list: int, temperature: float,
+            block_users: int, progress) -> dict[str, dict[str, Any]]:
+    """Every model's valid and test metrics, the users streamed in blocks of ``block_users``."""
     n_items = data.n_items
-    models = [*names, ENSEMBLE]
     sums = {split: {m: RankingSums.zeros(ks, n_items) for m in models} for split in SPLITS}
     seconds = dict.fromkeys(models, 0.0)
     eval_users = data.eval_users()
@@ -117,6 +153,8 @@ def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
         scorers = {name: shifted_scorer(ListScorer(lists[:, t:t + 1], n_items, temperature=float(k_list)), first)
                    for t, name in enumerate(names)}
         scorers[ENSEMBLE] = shifted_scorer(ListScorer(lists, n_items, temperature=temperature), first)
+        for name, w in weighted.items():
+            scorers[name] = shifted_scorer(ListScorer(lists, n_items, temperature, w), first)
         for name, scorer in scorers.items():
             t0 = time.perf_counter()
             for split in SPLITS:
@@ -125,26 +163,20 @@ def evaluate_ensemble(cfg: RunConfig, temperature: float | None = None,
                                      batch_size=cfg.eval_batch_size, users=users)
                 sums[split][name] = sums[split][name].merge(part)
             seconds[name] += time.perf_counter() - t0
-        del lists, scorers
         if progress is not None:
             progress(hi, data.n_users)
+    return {m: {**{split: sums[split][m].metrics() for split in SPLITS}, "seconds": seconds[m]} for m in models}
 
-    results_models = {m: {**{split: sums[split][m].metrics() for split in SPLITS}, "seconds": seconds[m]}
-                      for m in models}
-    teachers = [{"name": n, "uri": u, "model": m.get("model"), "final_epoch": m["trajectory"][-1]["epoch"]}
-                for n, u, m in zip(names, uris, reader.manifests)]
-    return {
-        "dataset": cfg.dataset_uri,
-        "temperature": temperature,
-        "ks": list(ks),
-        "report_ks": [int(k) for k in cfg.ks],
-        "list_k": k_list,
-        "n_users": int(len(eval_users)),
-        "teachers": teachers,
-        "models": results_models,
-        "comparison": compare(results_models, names),
-        "seconds": time.perf_counter() - t_start,
-    }
+
+def _choose_weighted(cfg: RunConfig, models: dict[str, Any], weighted: dict[str, torch.Tensor]):
+    """The weight candidate best on valid becomes "ensemble (valid-weighted)"; the others are dropped."""
+    metric = cfg.distill.select_metric
+    best = max(weighted, key=lambda n: (models[n]["valid"][metric], -list(weighted).index(n)))
+    record = {"chosen": best, "weights": weighted[best].tolist(),
+              "valid": {n: models[n]["valid"][metric] for n in weighted}}
+    kept = {n: m for n, m in models.items() if n not in weighted}
+    kept[WEIGHTED] = models[best]
+    return kept, record
 
 
 def _open(cfg: RunConfig, names: list[str], uris: list[str]) -> tuple[Any, TrajectoryReader]:
@@ -168,8 +200,12 @@ def compare(models: dict[str, dict[str, Any]], teachers: list[str],
     """The best single teacher on ``split`` ``metric`` and the ensemble's gain over it."""
     best = max(teachers, key=lambda n: _finite(models[n][split][metric]))
     b, e = models[best][split][metric], models[ENSEMBLE][split][metric]
-    return {"metric": metric, "split": split, "best_teacher": best, "best_value": b, "ensemble_value": e,
-            "relative_gain": (e - b) / b if b else float("nan")}
+    out = {"metric": metric, "split": split, "best_teacher": best, "best_value": b, "ensemble_value": e,
+           "relative_gain": (e - b) / b if b else float("nan")}
+    if WEIGHTED in models:
+        w = models[WEIGHTED][split][metric]
+        out.update(weighted_value=w, weighted_gain=(w - b) / b if b else float("nan"))
+    return out
 
 
 def format_table(results: dict[str, Any], split: str = "test") -> str:
@@ -191,8 +227,11 @@ def format_table(results: dict[str, Any], split: str = "test") -> str:
 def format_comparison(results: dict[str, Any]) -> str:
     """One line: the best single teacher and the ensemble's relative gain over it."""
     c = results["comparison"]
-    return (f"best single teacher on {c['split']} {c['metric']}: {c['best_teacher']} ({c['best_value']:.4f}); "
+    line = (f"best single teacher on {c['split']} {c['metric']}: {c['best_teacher']} ({c['best_value']:.4f}); "
             f"ensemble {c['ensemble_value']:.4f} ({c['relative_gain'] * 100:+.1f}% relative)")
+    if "weighted_value" in c:
+        line += f"; valid-weighted ensemble {c['weighted_value']:.4f} ({c['weighted_gain'] * 100:+.1f}% relative)"
+    return line
 
 
 def format_report(results: dict[str, Any]) -> str:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from hetcomp_dist import distributed
 from hetcomp_dist.data.dataset import Dataset
-from hetcomp_dist.distill import akt, baselines, dissensus, dkc
+from hetcomp_dist.distill import akt, baselines, dissensus, dkc, teacher_weights
 from hetcomp_dist.distill.config import DistillConfig
-from hetcomp_dist.distill.ensemble import ensemble_topk, rank_importance
+from hetcomp_dist.distill.ensemble import ListScorer, ensemble_topk, rank_importance, shifted_scorer
 from hetcomp_dist.distill.student import Student
 from hetcomp_dist.evaluate import topk_items
 from hetcomp_dist.models import sampling
@@ -84,8 +84,9 @@ class KDObjective:
         self.last = torch.zeros(self.stage.shape, dtype=torch.float64)
         self.observed = _observed_ranking(reader.observed(start, stop), data.n_items, cfg.observed_size, importance)
         counts = data.train.item_counts()
+        teacher_weights, self.weights_record = self._teacher_weights(reader)
         self.build = TargetBuilder(cfg, data.n_items, importance, dissensus.popularity_percentile(counts),
-                                   torch.from_numpy(counts).float())
+                                   torch.from_numpy(counts).float(), teacher_weights)
         self.targets, self.weights = self.build(self.lists, self.stage)
         self.units = np.flatnonzero(data.train.counts() > 0) if cfg.batch_unit == "users" else None
         self.n_units = data.train.nnz if self.units is None else len(self.units)
@@ -93,6 +94,23 @@ class KDObjective:
         self.sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
         self.phase = "L_O"
+
+    def _teacher_weights(self, reader: TrajectoryReader) -> tuple[torch.Tensor | None, dict | None]:
+        """None (equal), or weights chosen on valid by the final ensemble (a collective: every rank)."""
+        if self.cfg.teacher_weights == "equal":
+            return None, None
+        cfg, data = self.cfg, self.data
+        values = teacher_weights.valid_metrics(reader.manifests, reader.uris, cfg.select_metric)
+        users = data.eval_users()
+        users = users[(users >= self.start) & (users < self.stop)]
+        final = self.lists[:, :, -1]
+        k = int(cfg.select_metric.rsplit("@", 1)[1])
+
+        def valid_of(weights: torch.Tensor) -> float:
+            scorer = shifted_scorer(ListScorer(final, data.n_items, cfg.temperature, weights), self.start)
+            return distributed.evaluate(scorer, data, "valid", (k,), users)[cfg.select_metric]
+
+        return teacher_weights.choose(values, valid_of)
 
     @property
     def switched(self) -> bool:
@@ -175,9 +193,9 @@ class TargetBuilder:
     reshapes the ensemble scores; strategy B and IPW give per-target-item loss weights."""
 
     def __init__(self, cfg: DistillConfig, n_items: int, importance: torch.Tensor, pop: torch.Tensor,
-                 item_counts: torch.Tensor, batch: int = 1024):
+                 item_counts: torch.Tensor, teacher_weights: torch.Tensor | None = None, batch: int = 1024):
         self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
-        self.batch = batch
+        self.teacher_weights, self.batch = teacher_weights, batch
 
     def __call__(self, lists: torch.Tensor, stage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> targets int64 [U, size] (-1 padded), weights float [U, size] or None (all terms weigh 1)."""
@@ -188,10 +206,11 @@ class TargetBuilder:
             part = slice(lo, lo + self.batch)
             current = dkc.current_lists(lists[part], stage[part])
             counts = dissensus.agreement_counts(current, self.n_items) if cfg.dissensus_target or cfg.dissensus_weight else None
-            discount = None
+            discount = teacher_weights.per_entry(self.teacher_weights, current)
             if cfg.dissensus_target:
-                discount = dissensus.discount(cfg.dissensus_rule, current, counts, self.pop, self.item_counts,
-                                              cfg.dissensus_target)
+                rule = dissensus.discount(cfg.dissensus_rule, current, counts, self.pop, self.item_counts,
+                                          cfg.dissensus_target)
+                discount = rule if discount is None else rule * discount
             targets[part] = t = ensemble_topk(current, self.n_items, cfg.target_size, self.importance, discount)
             if cfg.dissensus_weight:
                 weights[part] *= dissensus.transfer_weights(t, counts, current.shape[1], self.pop, cfg.dissensus_weight)

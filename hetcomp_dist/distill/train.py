@@ -36,7 +36,6 @@ from hetcomp_dist.distill.ensemble import ListScorer, shifted_scorer
 from hetcomp_dist.distill.objectives import build_objective
 from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_optimizer, gather_rows,
                                           optimizer_rows, rows, user_range)
-from hetcomp_dist.evaluate import evaluate_sums
 from hetcomp_dist.loop import Checkpointer, Stopping
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
@@ -216,7 +215,8 @@ class _Run:
                 "train_seconds": self.stopping.train_seconds, "seconds": self.stopping.seconds(),
                 "test": test, "valid": valid, "history": self.history, "dkc_progress": self.progress,
                 "teachers": self.teacher_uris, "workers": self.world, "resumed_from": self.resumes,
-                "trajectory_stages": stages, "state_bytes": None if state_bytes is None else state_bytes()}
+                "trajectory_stages": stages, "state_bytes": None if state_bytes is None else state_bytes(),
+                "teacher_weights": getattr(self.objective, "weights_record", None)}
 
 
 def _legacy_checkpoint(root: str, cfg: DistillConfig) -> dict[str, Any] | None:
@@ -231,10 +231,7 @@ def _legacy_checkpoint(root: str, cfg: DistillConfig) -> dict[str, Any] | None:
 
 
 def _evaluate(scorer, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
-    """Metrics over every rank's users: this rank's sums, all-reduced."""
-    sums = evaluate_sums(scorer, data.train, data.split(split), exclude=[data.held_out_besides(split)],
-                         ks=ks, users=users)
-    return distributed.all_reduce_ranking_sums(sums).metrics()
+    return distributed.evaluate(scorer, data, split, ks, users)
 
 
 def _write_outputs(out: str, cfg: DistillConfig, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
