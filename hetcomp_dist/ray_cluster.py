@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from typing import Iterator
 
 from hetcomp_dist.run import RayConfig
 
+LOCALHOST = "127.0.0.1"
+
 
 def init_ray(rc: RayConfig) -> str | None:
-    """Connect to ``rc.address`` / $RAY_ADDRESS ("remote") or start a local instance ("local"); None if connected already."""
+    """Connect to ``rc.address`` / $RAY_ADDRESS ("remote") or start a local instance ("local"); None if connected already.
+
+    A local instance listens on 127.0.0.1 only: nothing else on the network can reach it.
+    """
     import ray
 
     if ray.is_initialized():
@@ -28,7 +35,28 @@ def init_ray(rc: RayConfig) -> str | None:
     level = auth_log.level
     auth_log.setLevel(logging.ERROR)  # "token authentication is enabled" is what we want: no warning
     try:
-        ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        with _loopback_node_ip():
+            ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+                     _node_ip_address=LOCALHOST)
     finally:
         auth_log.setLevel(level)
     return "local"
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Let ray.init keep 127.0.0.1 as the node's address, so that every Ray server binds to loopback.
+
+    Ray (2.60, Linux) listens on all interfaces unless the node's address is a loopback one, and
+    ray.init replaces a loopback ``_node_ip_address`` by the host's external address unless Ray's
+    ENABLE_RAY_CLUSTER (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read when ray is imported) is off.
+    Turned off for this call only: a later connection to a real cluster must see the real address.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before

@@ -32,7 +32,7 @@ import yaml
 from hetcomp_dist import config, storage
 from hetcomp_dist.cli import main
 from hetcomp_dist.run import RunConfig
-from hetcomp_dist.teachers.actors import ProgressPrinter, format_summary, train_teachers
+from hetcomp_dist.teachers.actors import FORWARDED_ENV, ProgressPrinter, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
 from hetcomp_dist.teachers.config import TeacherConfig
 from hetcomp_dist.loop import Checkpointer
@@ -249,17 +249,18 @@ def test_cli_on_local_ray_writes_to_s3(s3_server: str, datasets_dir: Path, tmp_p
 
 
 @pytest.fixture(scope="module")
-def ray_head(datasets_dir: Path) -> Iterator[dict[str, Any]]:
+def ray_head(datasets_dir: Path, s3_server: str) -> Iterator[dict[str, Any]]:
     """A Ray head on loopback (`ray start --head --block`): yields its addresses and the env for its clients.
 
-    Its environment has no AWS_* variables (teacher actors must get them from the driver), a temp
-    HOME and RAY_AUTH_MODE=disabled; the venv's bin comes first in PATH so a job's `python` has the
-    package. Stopped by SIGTERM to its `ray start` process, which stops the processes it started.
+    Its environment has the S3 server's credentials, as a node has its own (the driver forwards
+    none), but not its endpoint or region (teacher actors must get those settings from the driver);
+    a temp HOME and RAY_AUTH_MODE=disabled; the venv's bin comes first in PATH so a job's `python`
+    has the package. Stopped by SIGTERM to its `ray start` process, which stops the processes it started.
     """
     temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths live below it
     (temp / "home").mkdir()
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    env = {k: v for k, v in clean_env().items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in clean_env().items() if k not in FORWARDED_ENV}
     env.update(HOME=str(temp / "home"), RAY_AUTH_MODE="disabled", HETCOMP_DATASETS_DIR=str(datasets_dir),
                RAY_USAGE_STATS_ENABLED="0")
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",

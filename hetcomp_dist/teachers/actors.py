@@ -13,14 +13,12 @@ after a partial failure trains only what is missing).
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 import sys
 import time
 from typing import Any, Callable
 
-from hetcomp_dist import models, storage
+from hetcomp_dist import storage
 from hetcomp_dist.config import ConfigError, to_dict
 from hetcomp_dist.ray_cluster import init_ray
 from hetcomp_dist.run import RunConfig, ensure_dataset
@@ -29,7 +27,11 @@ from hetcomp_dist.teachers.train import same_settings, train_teacher
 
 Event = dict[str, Any]
 SUMMARY = "summary"
-_FORWARDED_ENV = ("AWS_", "HETCOMP_")  # prefixes of environment variables the actors get
+# The environment variables the actors get from the driver: settings, never credentials. A local Ray's
+# processes inherit the driver's environment anyway; a cluster's nodes use their own credentials
+# (instance roles, secrets mounted in the pod), and a runtime_env is stored by Ray in its GCS and logs.
+FORWARDED_ENV = ("HETCOMP_DATASETS_DIR", "HETCOMP_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 class TeachersFailed(RuntimeError):
@@ -125,11 +127,13 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
 
     ``report`` receives every progress event of ``train_teacher`` (default: a :class:`ProgressPrinter`),
     plus ``"skipped"`` events; under Ray each event also carries the ``pid`` of the actor's process.
-    Raises :class:`ConfigError` for an invalid teacher list and :class:`TeachersFailed` if any teacher
-    failed for good (the others' outputs are kept).
+    Raises :class:`ConfigError` when the config lists no teacher (every other setting was checked when
+    the config was loaded) and :class:`TeachersFailed` if any teacher failed for good (the others'
+    outputs are kept).
     """
     names = [t.name for t in cfg.teachers]
-    _check_teachers(cfg)
+    if not names:
+        raise ConfigError("no teachers in the config (teachers: [...])")
     if cfg.storage.endpoint_url:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
     report = report or ProgressPrinter(cfg.teachers)
@@ -155,26 +159,6 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     return summaries
 
 
-def _check_teachers(cfg: RunConfig) -> None:
-    """Config errors that would otherwise surface only inside a teacher, after the dataset is prepared."""
-    names = [t.name for t in cfg.teachers]
-    if not names:
-        raise ConfigError("no teachers in the config (teachers: [...])")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"teacher names must be unique, got {names}")
-    for t in cfg.teachers:
-        if t.model not in models.MODELS:
-            raise ConfigError(f"teacher {t.name}: unknown model {t.model!r} (registered: {', '.join(sorted(models.MODELS))})")
-        try:
-            inspect.signature(models.MODELS[t.model]).bind_partial(**t.params)
-        except TypeError as e:
-            raise ConfigError(f"teacher {t.name}: params of {t.model}: {e}") from None
-        metric, _, k = t.select_metric.partition("@")
-        if metric not in ("recall", "ndcg") or not k.isdigit() or int(k) not in cfg.ks:
-            raise ConfigError(f"teacher {t.name}: select_metric {t.select_metric!r} must be recall@K or ndcg@K "
-                              f"with K in ks {cfg.ks}")
-
-
 def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] | None:
     """The summary in a complete trajectory written with the same teacher and trajectory settings, else None."""
     uri = cfg.layout.trajectory(teacher.name)
@@ -189,6 +173,11 @@ def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] 
     return summary if same else None
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings in :data:`FORWARDED_ENV` that are set (credentials are never among them)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str,
                   report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
     import ray
@@ -201,7 +190,7 @@ def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: st
                 ray.shutdown()
                 raise ConfigError(f"teacher {t.name} asks for {t.cpus:g} CPUs / {t.gpus:g} GPUs; the local Ray "
                                   f"instance has {have.get('CPU', 0):g} / {have.get('GPU', 0):g} (see ray.num_cpus)")
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    env = forwarded_env()
     box = ray.remote(EventBox).options(num_cpus=0).remote()
     actor_cls = ray.remote(TeacherActor)
     actors, pending = [], {}
