@@ -223,3 +223,28 @@ def test_teacher_weights_chosen_on_valid_reach_the_targets(run, tmp_path):
     chosen = record["ensemble_valid"][str(record["power"])]
     assert chosen == max(record["ensemble_valid"].values())           # the best on valid, never test
     assert metrics["test"]["recall@10"] > 0
+
+
+def test_streamed_targets_equal_the_in_memory_ones(run):
+    """KDObjective keeps no trajectories: targets built from lists read per block at each pair's stage
+    equal those built from the whole [U, T, S, K] array, for any block size."""
+    from hetcomp_dist.distill import dkc
+    from hetcomp_dist.distill.objectives import KDObjective
+    from hetcomp_dist.distill.student import build_student
+    from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+    ds_uri, uris, _ = run
+    data = load_dataset(ds_uri)
+    cfg = _cfg("hetcomp")
+    student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, 0, data.n_users)
+    small = KDObjective(cfg, data, student, TrajectoryReader(uris), 0, data.n_users, 0, block=7)
+    whole = KDObjective(cfg, data, student, TrajectoryReader(uris), 0, data.n_users, 0)
+    stage = torch.from_numpy(np.random.default_rng(3).integers(0, 4, size=small.stage.shape))
+    for objective in (small, whole):
+        objective.load_state_dict({"stage": stage, "last": torch.zeros(stage.shape, dtype=torch.float64)})
+    lists = TrajectoryReader(uris).trajectories(0, data.n_users)
+    expected, _ = small.build(dkc.current_lists(lists, stage))
+    assert torch.equal(small.targets.long(), expected) and torch.equal(whole.targets, small.targets)
+    assert torch.equal(small.observed, whole.observed)
+    per_user = small.state_bytes() / data.n_users
+    assert per_user < lists[0].numel() * 4 / 2          # well under the trajectories it no longer holds

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -69,12 +69,20 @@ def step(stage: torch.Tensor, last: torch.Tensor, top: torch.Tensor, lists: torc
     Returns:
         (stage, last), new tensors.
     """
-    n_stages = lists.shape[2]
-    d_next = discrepancy(top, next_stage_lists(lists, stage)).to(last.dtype)
+    return step_with(stage, last, top, lambda st: next_stage_lists(lists, st), lists.shape[2], threshold)
+
+
+def step_with(stage: torch.Tensor, last: torch.Tensor, top: torch.Tensor,
+              next_lists: Callable[[torch.Tensor], torch.Tensor], n_stages: int,
+              threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step` with the lists read on demand: ``next_lists(stage)`` gives int [U, T, K], each
+    pair's list at stage + 1 (the last where stage + 1 is past it). The one implementation of the rule."""
+    d_next = discrepancy(top, next_lists(stage)).to(last.dtype)
     ratio = last / d_next                                      # IEEE: x/0 = inf, 0/0 = nan
     moved = (stage < n_stages - 1) & ((ratio > threshold) | (ratio < 1))
     stage = stage + moved.long()
-    last = torch.where(moved, discrepancy(top, next_stage_lists(lists, stage)).to(last.dtype), last)
+    if moved.any():
+        last = torch.where(moved, discrepancy(top, next_lists(stage)).to(last.dtype), last)
     return stage, last
 
 

@@ -69,25 +69,30 @@ class BPRObjective:
 
 
 class KDObjective:
-    """AKT on targets built from the teachers' trajectories at each pair's DKC stage."""
+    """AKT on targets built from the teachers' trajectories at each pair's DKC stage.
+
+    Resident per user: the target T_u (int32), P_u (int32), the stages (int8) and DKC's last
+    distances (float64); the trajectories stay in storage and are read by row group, in blocks of
+    ``block`` users, when targets are built and at each DKC check.
+    """
 
     def __init__(self, cfg: DistillConfig, data: Dataset, student: Student, reader: TrajectoryReader,
-                 start: int, stop: int, rank: int):
-        self.cfg, self.data, self.student, self.start, self.stop = cfg, data, student, start, stop
-        self.n_users = data.n_users
-        importance = rank_importance(100, cfg.temperature)
-        self.lists = reader.trajectories(start, stop)                        # [U_local, T, S, K]
-        self.n_stages = self.lists.shape[2]
-        self.stage = torch.zeros(stop - start, self.lists.shape[1], dtype=torch.long)
-        if cfg.method == "final_ensemble":
-            self.stage[:] = self.n_stages - 1
+                 start: int, stop: int, rank: int, block: int = 65536):
+        self.cfg, self.data, self.student, self.reader = cfg, data, student, reader
+        self.start, self.stop, self.block, self.n_users = start, stop, block, data.n_users
+        self.n_stages = reader.n_snapshots
+        first = self.n_stages - 1 if cfg.method == "final_ensemble" else 0
+        self.stage = torch.full((stop - start, reader.n_teachers), first, dtype=torch.int8)
         self.last = torch.zeros(self.stage.shape, dtype=torch.float64)
-        self.observed = _observed_ranking(reader.observed(start, stop), data.n_items, cfg.observed_size, importance)
+        importance = rank_importance(100, cfg.temperature)
+        self.observed = self._observed_ranking(importance)
         counts = data.train.item_counts()
-        teacher_weights, self.weights_record = self._teacher_weights(reader)
+        weights, self.weights_record = self._teacher_weights()
         self.build = TargetBuilder(cfg, data.n_items, importance, dissensus.popularity_percentile(counts),
-                                   torch.from_numpy(counts).float(), teacher_weights)
-        self.targets, self.weights = self.build(self.lists, self.stage)
+                                   torch.from_numpy(counts).float(), weights)
+        self.targets = torch.empty(stop - start, cfg.target_size, dtype=torch.int32)
+        self.weights = torch.ones(self.targets.shape) if (cfg.dissensus_weight or cfg.ipw) else None
+        self._rebuild(torch.arange(stop - start))
         self.units = np.flatnonzero(data.train.counts() > 0) if cfg.batch_unit == "users" else None
         self.n_units = data.train.nnz if self.units is None else len(self.units)
         self.train_users = data.train.users()
@@ -95,19 +100,46 @@ class KDObjective:
         self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
         self.phase = "L_O"
 
-    def _teacher_weights(self, reader: TrajectoryReader) -> tuple[torch.Tensor | None, dict | None]:
+    def _blocks(self, rows: torch.Tensor):
+        """Local rows in blocks of at most ``block`` users: (rows, global start, global stop) each."""
+        for lo in range(0, len(rows), self.block):
+            part = rows[lo:lo + self.block]
+            yield part, self.start + int(part[0]), self.start + int(part[-1]) + 1
+
+    def _lists(self, lo: int, hi: int, rows: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+        """int [len(rows), T, K]: the lists of local ``rows`` (within global [lo, hi)) at ``stage``."""
+        full = torch.full((hi - lo, self.stage.shape[1]), -1, dtype=torch.long)    # -1: not needed, not read
+        full[rows + self.start - lo] = stage.long()
+        return self.reader.lists_at(lo, hi, full)[rows + self.start - lo]
+
+    def _rebuild(self, rows: torch.Tensor) -> None:
+        """T_u (and its loss weights) of local ``rows`` from the lists at their current stages."""
+        for part, lo, hi in self._blocks(rows):
+            targets, weights = self.build(self._lists(lo, hi, part, self.stage[part]))
+            self.targets[part] = targets.int()
+            if self.weights is not None:
+                self.weights[part] = weights
+
+    def _observed_ranking(self, importance: torch.Tensor) -> torch.Tensor:
+        """P_u: train items ordered by summed importance of the teachers' observed rankings, first ``size``."""
+        out = torch.empty(self.stop - self.start, self.cfg.observed_size, dtype=torch.int32)
+        for part, lo, hi in self._blocks(torch.arange(self.stop - self.start)):
+            observed = self.reader.observed(lo, hi)
+            out[part] = ensemble_topk(observed, self.data.n_items, self.cfg.observed_size, importance).int()
+        return out
+
+    def _teacher_weights(self) -> tuple[torch.Tensor | None, dict | None]:
         """None (equal), or weights chosen on valid by the final ensemble (a collective: every rank)."""
         if self.cfg.teacher_weights == "equal":
             return None, None
-        cfg, data = self.cfg, self.data
+        cfg, data, reader = self.cfg, self.data, self.reader
         values = teacher_weights.valid_metrics(reader.manifests, reader.uris, cfg.select_metric)
         users = data.eval_users()
         users = users[(users >= self.start) & (users < self.stop)]
-        final = self.lists[:, :, -1]
         k = int(cfg.select_metric.rsplit("@", 1)[1])
 
         def valid_of(weights: torch.Tensor) -> float:
-            scorer = shifted_scorer(ListScorer(final, data.n_items, cfg.temperature, weights), self.start)
+            scorer = StoredListScorer(reader, data.n_items, cfg.temperature, weights=weights)
             return distributed.evaluate(scorer, data, "valid", (k,), users)[cfg.select_metric]
 
         return teacher_weights.choose(values, valid_of)
@@ -132,7 +164,7 @@ class KDObjective:
             return torch.zeros(())
         users = np.unique(batch_users[own])
         local = torch.from_numpy(users.astype(np.int64)) - self.start
-        p, t, cfg = self.observed[local], self.targets[local], self.cfg
+        p, t, cfg = self.observed[local].long(), self.targets[local].long(), self.cfg
         u_emb = self.student.tables(user=local)["user"]
         items = self.student.tables.weight("item")
         exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)), t], 1)   # N_u \ T_u is the rest
@@ -147,27 +179,33 @@ class KDObjective:
         """One DKC check every evaluation until DKC ends; targets rebuilt for users whose stage moved."""
         if self.cfg.method != "hetcomp" or self.switched:
             return
-        top = torch.from_numpy(topk_items(self.student.scores, self.data.train, users=np.arange(self.start, self.stop),
-                                          k=dkc.DISCREPANCY_K).astype(np.int64))
-        if epoch == self.cfg.eval_every:
-            self.last = dkc.start(self.stage, top, self.lists)
-            return
-        before = self.stage
-        self.stage, self.last = dkc.step(self.stage, self.last, top, self.lists, dkc.threshold(epoch, self.dkc))
-        moved = torch.nonzero((self.stage != before).any(1)).squeeze(1)
-        if len(moved):
-            targets, weights = self.build(self.lists[moved], self.stage[moved])
-            self.targets[moved] = targets
-            if self.weights is not None:
-                self.weights[moved] = weights
+        moved = []
+        for part, lo, hi in self._blocks(torch.arange(self.stop - self.start)):
+            top = torch.from_numpy(topk_items(self.student.scores, self.data.train, users=np.arange(lo, hi),
+                                              k=dkc.DISCREPANCY_K).astype(np.int64))
+            stage = self.stage[part].long()
+
+            def next_lists(st: torch.Tensor, part=part, lo=lo, hi=hi) -> torch.Tensor:
+                return self._lists(lo, hi, part, st + 1)          # clamped to the last stage by the reader
+
+            if epoch == self.cfg.eval_every:
+                self.last[part] = dkc.discrepancy(top, next_lists(stage)).to(self.last.dtype)
+                continue
+            new, last = dkc.step_with(stage, self.last[part], top, next_lists, self.n_stages,
+                                      dkc.threshold(epoch, self.dkc))
+            self.stage[part], self.last[part] = new.to(self.stage.dtype), last
+            moved.append(part[(new != stage).any(1)])
+        changed = torch.cat(moved) if moved else torch.zeros(0, dtype=torch.long)
+        if len(changed):
+            self._rebuild(changed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": distributed.gather_cat(self.stage), "last": distributed.gather_cat(self.last)}
+        return {"stage": distributed.gather_cat(self.stage.long()), "last": distributed.gather_cat(self.last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage = state["stage"][self.start:self.stop].clone()
+        self.stage = state["stage"][self.start:self.stop].to(torch.int8).clone()
         self.last = state["last"][self.start:self.stop].clone().double()
-        self.targets, self.weights = self.build(self.lists, self.stage)
+        self._rebuild(torch.arange(self.stop - self.start))
 
     def info(self) -> dict[str, Any]:
         """Stage progress for the history: each teacher's mean stage and the share of final pairs."""
@@ -175,10 +213,29 @@ class KDObjective:
         return {"mean_stage": self.mean_stage(), "final_fraction": float(final / self.stage.shape[1] / self.n_users)}
 
     def state_bytes(self) -> int:
-        """Resident distillation state over every rank (trajectories, targets, P_u, stages)."""
-        weights = 0 if self.weights is None else self.weights.numel() * 4
-        return int(distributed.sum_over_ranks(self.lists.numel() * 4 + self.targets.numel() * 8
-                                              + self.observed.numel() * 8 + self.stage.numel() * 8 + weights))
+        """Resident distillation state over every rank (targets, P_u, stages, last distances, weights)."""
+        tensors = [self.targets, self.observed, self.stage, self.last]
+        if self.weights is not None:
+            tensors.append(self.weights)
+        return int(distributed.sum_over_ranks(sum(t.numel() * t.element_size() for t in tensors)))
+
+
+class StoredListScorer:
+    """An ensemble scorer over global user ids that reads the lists it needs from storage per batch:
+    every teacher's final list, or each teacher's list at ``stage`` (one stage for all)."""
+
+    def __init__(self, reader: TrajectoryReader, n_items: int, temperature: float, stage: int | None = None,
+                 weights: torch.Tensor | None = None):
+        self.reader, self.n_items, self.temperature, self.stage, self.weights = reader, n_items, temperature, stage, weights
+
+    def __call__(self, users: torch.Tensor) -> torch.Tensor:
+        lo, hi = int(users.min()), int(users.max()) + 1
+        if self.stage is None:
+            lists = self.reader.final(lo, hi)
+        else:
+            lists = self.reader.lists_at(lo, hi, torch.full((hi - lo, self.reader.n_teachers), self.stage))
+        scorer = ListScorer(lists[users - lo], self.n_items, self.temperature, self.weights)
+        return shifted_scorer(scorer, 0)(torch.arange(len(users)))
 
 
 def build_objective(cfg: DistillConfig, data: Dataset, student: Student, teacher_uris: list[str],
@@ -197,14 +254,15 @@ class TargetBuilder:
         self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
         self.teacher_weights, self.batch = teacher_weights, batch
 
-    def __call__(self, lists: torch.Tensor, stage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> targets int64 [U, size] (-1 padded), weights float [U, size] or None (all terms weigh 1)."""
+    def __call__(self, lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each user's lists at their stages (int [U, T, K]) -> targets int64 [U, size] (-1 padded),
+        weights float [U, size] or None (all terms weigh 1)."""
         cfg = self.cfg
         targets = torch.empty(lists.shape[0], cfg.target_size, dtype=torch.long)
         weights = torch.ones(targets.shape) if (cfg.dissensus_weight or cfg.ipw) else None
         for lo in range(0, lists.shape[0], self.batch):
             part = slice(lo, lo + self.batch)
-            current = dkc.current_lists(lists[part], stage[part])
+            current = lists[part]
             counts = dissensus.agreement_counts(current, self.n_items) if cfg.dissensus_target or cfg.dissensus_weight else None
             discount = teacher_weights.per_entry(self.teacher_weights, current)
             if cfg.dissensus_target:
@@ -219,12 +277,3 @@ class TargetBuilder:
         if weights is not None:
             weights = dissensus.mean_one(weights, targets >= 0)
         return targets, weights
-
-
-def _observed_ranking(observed: torch.Tensor, n_items: int, size: int, importance: torch.Tensor,
-                      batch: int = 1024) -> torch.Tensor:
-    """P_u: train items ordered by summed importance of the teachers' observed rankings, first ``size``."""
-    out = torch.empty(observed.shape[0], size, dtype=torch.long)
-    for lo in range(0, observed.shape[0], batch):
-        out[lo:lo + batch] = ensemble_topk(observed[lo:lo + batch], n_items, size, importance)
-    return out

@@ -32,12 +32,10 @@ from hetcomp_dist import config, distributed, storage
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import baselines, dissensus
 from hetcomp_dist.distill.config import DistillConfig
-from hetcomp_dist.distill.ensemble import ListScorer, shifted_scorer
-from hetcomp_dist.distill.objectives import build_objective
+from hetcomp_dist.distill.objectives import StoredListScorer, build_objective
 from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_optimizer, gather_rows,
                                           optimizer_rows, rows, user_range)
 from hetcomp_dist.loop import Checkpointer, Stopping
-from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 Report = Callable[[dict[str, Any]], None]
 Hook = Callable[[dict[str, Any], int, int], None]    # (evaluation event, rank, world size), after its checkpoint
@@ -198,15 +196,13 @@ class _Run:
 
     def _trajectory_stages(self) -> dict[str, Any] | None:
         """Per teacher the epochs of its stages, and the test metrics of each stage's ensemble."""
-        lists = getattr(self.objective, "lists", None)
-        if lists is None:
+        reader = getattr(self.objective, "reader", None)
+        if reader is None:
             return None
-        epochs = TrajectoryReader(self.teacher_uris).stage_epochs()
         ks = tuple(sorted(set(self.ks) | {50}))
-        ensembles = [_evaluate(shifted_scorer(ListScorer(lists[:, :, s], self.data.n_items, self.cfg.temperature),
-                                              self.start), self.data, "test", ks, self.eval_users)
-                     for s in range(lists.shape[2])]
-        return {"epochs": dict(zip(self.teacher_uris, epochs)), "ensemble_test": ensembles}
+        ensembles = [_evaluate(StoredListScorer(reader, self.data.n_items, self.cfg.temperature, stage=s),
+                               self.data, "test", ks, self.eval_users) for s in range(reader.n_snapshots)]
+        return {"epochs": dict(zip(self.teacher_uris, reader.stage_epochs())), "ensemble_test": ensembles}
 
     def _metrics(self, test: dict, valid: dict, stages: dict | None) -> dict[str, Any]:
         state_bytes = getattr(self.objective, "state_bytes", None)

@@ -631,6 +631,23 @@ class TrajectoryReader:
                     out[:, t, s, :] = loaded[part]
         return torch.from_numpy(out)
 
+    def lists_at(self, start: int, stop: int, stage: torch.Tensor, *, k: int | None = None,
+                 stats: dict[str, int] | None = None) -> torch.Tensor:
+        """int32 [stop-start, teachers, k]: each (user, teacher)'s list at its own ``stage`` (int [U, T],
+        clamped to the last; -1: not needed, left 0), reading only the snapshots some user needs, by row group."""
+        self._check_range(start, stop)
+        k = self._list_length(k)
+        stage = stage.clamp(max=self.n_snapshots - 1)
+        out = np.zeros((stop - start, self.n_teachers, k), np.int32)
+        if stop > start:
+            for t, (uri, m) in enumerate(zip(self.uris, self.manifests)):
+                column = stage[:, t].numpy()
+                for s in np.unique(column[column >= 0]):
+                    part = m["trajectory"][int(s)]["part"]
+                    rows = _read_rows(uri, part, m["parts"][part], m["k"], start, stop, k, stats)
+                    out[column == s, t, :] = rows[column == s]
+        return torch.from_numpy(out)
+
     def final(self, start: int, stop: int, *, k: int | None = None,
               stats: dict[str, int] | None = None) -> torch.Tensor:
         """int32 [stop-start, teachers, k]: the last stage only (the final snapshot), reading nothing else."""
