@@ -111,11 +111,7 @@ class Checkpointer:
         torch.save(state, buffer)
         with storage.open_output(self._uri(epoch), kind=self.kind, config={"epoch": epoch, **self.config}) as o:
             o.write_bytes("state.pt", buffer.getvalue())
-        complete = [e for e in self.epochs() if e <= epoch and storage.is_complete(self._uri(e))]
-        for old in complete[:-self.keep]:
-            storage.remove(self._uri(old))
-        for stale in (e for e in self.epochs() if e > epoch):   # a resumed run's abandoned future
-            storage.remove(self._uri(stale))
+        self._drop_old(epoch)
 
     def load(self) -> dict[str, Any] | None:
         """The newest complete, readable checkpoint written under compatible settings, else None."""
@@ -135,3 +131,80 @@ class Checkpointer:
 
     def clear(self) -> None:
         storage.remove(self.root)
+
+    # Sharded checkpoints: each rank writes its own rows, nothing is gathered. ``local`` holds
+    # tensors whose first dimension is the rank's rows [start, stop); ``shared`` (rank 0) the rest.
+
+    def save_shards(self, epoch: int, shared: dict[str, Any], local: dict[str, Any], rows: tuple[int, int],
+                    rank: int, world: int) -> None:
+        """Every rank calls it: its part, then (rank 0, once all parts are written) the manifest."""
+        import torch.distributed as dist
+
+        uri = self._uri(epoch)
+        if rank == 0:
+            fs, path = storage.filesystem(storage.join(uri, storage.MANIFEST))
+            if fs.exists(path):                               # a rewrite: never an old manifest over new parts
+                fs.rm(path)
+        if world > 1:
+            dist.barrier()
+        name = f"rank-{rank:05d}-of-{world:05d}.pt"
+        entries = {name: self._write(uri, name, local)}
+        if rank == 0:
+            entries["shared.pt"] = self._write(uri, "shared.pt", shared)
+        shards = [(name, list(rows), entries)]
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, shards[0])        # names, row ranges and hashes only
+            shards = gathered
+        if rank == 0:
+            parts = {n: e for _, _, entry in shards for n, e in entry.items()}
+            storage.commit_manifest(uri, self.kind, parts, {"epoch": epoch, **self.config},
+                                    {"shards": [{"part": n, "rows": r} for n, r, _ in shards]})
+            self._drop_old(epoch)
+        if world > 1:
+            dist.barrier()
+
+    @staticmethod
+    def _write(uri: str, name: str, state: dict[str, Any]) -> dict[str, Any]:
+        with storage.write_part(uri, name) as f:
+            torch.save(state, f)
+        return f.entry
+
+    def _drop_old(self, epoch: int) -> None:
+        complete = [e for e in self.epochs() if e <= epoch and storage.is_complete(self._uri(e))]
+        for old in complete[:-self.keep]:
+            storage.remove(self._uri(old))
+        for stale in (e for e in self.epochs() if e > epoch):
+            storage.remove(self._uri(stale))
+
+    def load_shards(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]] | dict[str, Any] | None:
+        """(shared, this rank's rows [start, stop) assembled from whichever shards hold them) from the
+        newest complete compatible checkpoint; a checkpoint written whole (``state.pt``) is returned as
+        it is; None if there is none."""
+        for epoch in reversed(self.epochs()):
+            uri = self._uri(epoch)
+            if not storage.is_complete(uri):
+                continue
+            manifest = storage.read_manifest(uri)
+            if not self.compatible({k: v for k, v in manifest.get("config", {}).items() if k != "epoch"}):
+                return None
+            try:
+                if "shards" not in manifest:
+                    return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt", manifest)), weights_only=True)
+                return self._read_shards(uri, manifest, start, stop)
+            except (StorageError, RuntimeError, EOFError):       # damaged: fall back to the one before
+                continue
+        return None
+
+    @staticmethod
+    def _read_shards(uri: str, manifest: dict[str, Any], start: int, stop: int):
+        load = lambda name: torch.load(io.BytesIO(storage.read_bytes(uri, name, manifest)), weights_only=True)  # noqa: E731
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for shard in manifest["shards"]:
+            a, b = shard["rows"]
+            if b <= start or a >= stop:
+                continue
+            for key, value in load(shard["part"]).items():
+                pieces.setdefault(key, []).append(value[max(start, a) - a:min(stop, b) - a])
+        local = {key: torch.cat(values) for key, values in pieces.items()}
+        return load("shared.pt"), local

@@ -130,7 +130,7 @@ def test_rerun_resumes_from_the_checkpoint_with_its_time(run, tmp_path):
     out = str(tmp_path / "resumed")
     with pytest.raises(_Crash):
         distill(ds_uri, uris, cfg, out, ks=(10, 20), report=crash_after_10)
-    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoints", "epoch-000010"), "state.pt")),
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "checkpoints", "epoch-000010"), "shared.pt")),
                       weights_only=True)
     assert ckpt["epoch"] == 10 and ckpt["stopping"]["train_seconds"] > 0
     resumed = distill(ds_uri, uris, cfg, out, ks=(10, 20))
@@ -185,9 +185,17 @@ def test_single_slot_checkpoint_of_older_versions_still_resumes(run, tmp_path):
     out = str(tmp_path / "legacy")
     with pytest.raises(_Crash):
         distill(ds_uri, uris, cfg, out, ks=(10,), report=crash_after_10)
-    new = storage.join(out, "checkpoints", "epoch-000010")
-    state = torch.load(io.BytesIO(storage.read_bytes(new, "state.pt")), weights_only=True)
-    stopping = state.pop("stopping")
+    from hetcomp_dist.distill.student import ITEM_KEY, USER_KEY
+    from hetcomp_dist.distill.train import checkpointer
+
+    shared, local = checkpointer(out, cfg).load_shards(0, load_dataset(ds_uri).n_users)
+    optimizer = shared["optimizer"]
+    optimizer["state"][0] = {**optimizer["state"][0], "exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"]}
+    stopping = shared["stopping"]
+    state = {"epoch": shared["epoch"], "student": {USER_KEY: local["user"], ITEM_KEY: shared["item"]},
+             "best_state": {USER_KEY: local["best_user"], ITEM_KEY: shared["best_item"]}, "optimizer": optimizer,
+             "stage": local["stage"], "last": local["last"], "history": shared["history"],
+             "progress": shared["progress"], "resumes": shared["resumes"]}
     state.update(best=stopping["best"], best_epoch=stopping["best_epoch"], bad=stopping["bad"],
                  train_seconds=stopping["train_seconds"])
     buffer = io.BytesIO()

@@ -59,7 +59,7 @@ class BPRObjective:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"stage": torch.zeros(0), "last": torch.zeros(0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
@@ -200,11 +200,13 @@ class KDObjective:
             self._rebuild(changed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": distributed.gather_cat(self.stage.long()), "last": distributed.gather_cat(self.last)}
+        """This rank's rows: stages and last distances."""
+        return {"stage": self.stage.long(), "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage = state["stage"][self.start:self.stop].to(torch.int8).clone()
-        self.last = state["last"][self.start:self.stop].clone().double()
+        """This rank's rows, then its targets rebuilt at those stages."""
+        self.stage = state["stage"].to(torch.int8).clone()
+        self.last = state["last"].clone().double()
         self._rebuild(torch.arange(self.stop - self.start))
 
     def info(self) -> dict[str, Any]:

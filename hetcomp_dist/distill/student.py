@@ -60,15 +60,6 @@ def gather_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {USER_KEY: distributed.gather_cat(state[USER_KEY]), ITEM_KEY: state[ITEM_KEY].detach().clone()}
 
 
-def gather_optimizer(state: dict[str, Any]) -> dict[str, Any]:
-    """Adam's state_dict with the user table's moments gathered (param 0 is the user table)."""
-    out = {"param_groups": state["param_groups"], "state": dict(state["state"])}
-    if 0 in out["state"]:
-        user = out["state"][0]
-        out["state"][0] = {k: distributed.gather_cat(v) if v.dim() == 2 else v for k, v in user.items()}
-    return out
-
-
 def optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
     """A gathered Adam state with only the user rows [start, stop)."""
     out = {"param_groups": state["param_groups"], "state": dict(state["state"])}

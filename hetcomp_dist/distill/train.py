@@ -33,8 +33,8 @@ from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill import baselines, dissensus
 from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.distill.objectives import StoredListScorer, build_objective
-from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_optimizer, gather_rows,
-                                          optimizer_rows, rows, user_range)
+from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_rows, optimizer_rows,
+                                          rows, user_range)
 from hetcomp_dist.loop import Checkpointer, Stopping
 
 Report = Callable[[dict[str, Any]], None]
@@ -103,24 +103,38 @@ class _Run:
         self.checkpoints: Checkpointer | None = None
 
     def resume(self, checkpoints: Checkpointer, report: Report) -> None:
-        """Continue from the newest compatible checkpoint (or the single-slot one of older versions)."""
+        """Continue from the newest compatible checkpoint: per-rank shards (any earlier worker count),
+        or a whole gathered state (earlier versions, including their single-slot ``<out>/checkpoint``)."""
         if not self.cfg.checkpoint:
             return
         self.checkpoints = checkpoints
-        state = checkpoints.load() or _legacy_checkpoint(checkpoints.root, self.cfg)
-        if state is None:
+        loaded = checkpoints.load_shards(self.start, self.stop) or _legacy_checkpoint(checkpoints.root, self.cfg)
+        if loaded is None:
             return
+        shared = self._load_shards(*loaded) if isinstance(loaded, tuple) else self._load_whole(loaded)
+        self.history, self.progress = shared["history"], shared["progress"]
+        self.stopping.load_state_dict(shared.get("stopping") or {
+            "best": shared["best"], "best_epoch": shared["best_epoch"], "bad": shared["bad"],
+            "train_seconds": shared.get("train_seconds", 0.0)})
+        self.epoch, self.resumes = shared["epoch"], shared["resumes"] + [shared["epoch"]]
+        report({"event": "resumed", "epoch": shared["epoch"]})
+
+    def _load_shards(self, shared: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+        self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: shared["item"]})
+        self.best_state = {USER_KEY: local["best_user"], ITEM_KEY: shared["best_item"]}
+        optimizer = shared["optimizer"]
+        optimizer["state"][0] = {**optimizer["state"][0], "exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"]}
+        self.optimizer.load_state_dict(optimizer)
+        self.objective.load_state_dict({"stage": local["stage"], "last": local["last"]})
+        return shared
+
+    def _load_whole(self, state: dict[str, Any]) -> dict[str, Any]:
         start, stop = self.start, self.stop
         self.student.load_state_dict(rows(state["student"], start, stop))
         self.best_state = rows(state["best_state"], start, stop)
         self.optimizer.load_state_dict(optimizer_rows(state["optimizer"], start, stop))
-        self.objective.load_state_dict({"stage": state["stage"], "last": state["last"]})
-        self.history, self.progress = state["history"], state["progress"]
-        self.stopping.load_state_dict(state.get("stopping") or {
-            "best": state["best"], "best_epoch": state["best_epoch"], "bad": state["bad"],
-            "train_seconds": state.get("train_seconds", 0.0)})
-        self.epoch, self.resumes = state["epoch"], state["resumes"] + [state["epoch"]]
-        report({"event": "resumed", "epoch": state["epoch"]})
+        self.objective.load_state_dict({"stage": state["stage"][start:stop], "last": state["last"][start:stop]})
+        return state
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the epoch's global batches; returns the epoch event."""
@@ -162,18 +176,21 @@ class _Run:
                 "eval_seconds": self.stopping.eval_seconds}
 
     def _save_checkpoint(self, epoch: int) -> None:
-        """Rank 0 writes the gathered state; the others wait, so no rank runs ahead of a checkpoint."""
+        """Every rank writes its own rows (nothing is gathered); rank 0 also the shared state and,
+        once every rank's part is written, the manifest."""
         if self.checkpoints is None:
             return
-        state = {"epoch": epoch, "student": gather_rows(self.student.state_dict()),
-                 "best_state": gather_rows(self.best_state), "optimizer": gather_optimizer(self.optimizer.state_dict()),
-                 **(self.objective.state_dict() or {"stage": torch.zeros(0), "last": torch.zeros(0)}),
-                 "history": self.history, "progress": self.progress, "stopping": self.stopping.state_dict(),
-                 "resumes": self.resumes}
-        if self.rank == 0:
-            self.checkpoints.save(epoch, state)
-        if self.world > 1:
-            dist.barrier()
+        optimizer = self.optimizer.state_dict()
+        user_moments = optimizer["state"].get(0, {})                 # param 0: the user table
+        local = {"user": self.student.state_dict()[USER_KEY], "best_user": self.best_state[USER_KEY],
+                 "exp_avg": user_moments.get("exp_avg"), "exp_avg_sq": user_moments.get("exp_avg_sq"),
+                 **self.objective.state_dict()}
+        optimizer["state"] = {**optimizer["state"], 0: {k: v for k, v in user_moments.items()
+                                                       if k not in ("exp_avg", "exp_avg_sq")}}
+        shared = {"epoch": epoch, "item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY],
+                  "optimizer": optimizer, "history": self.history, "progress": self.progress,
+                  "stopping": self.stopping.state_dict(), "resumes": self.resumes}
+        self.checkpoints.save_shards(epoch, shared, local, (self.start, self.stop), self.rank, self.world)
 
     def finish(self, out: str) -> dict[str, Any]:
         """Test the best state, write student.pt, metrics.json and the report (rank 0); returns the metrics."""
