@@ -122,19 +122,27 @@ def _train_teachers_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (parsed as YAML), e.g. --set run=s3://bucket/run --set ray.max_restarts=1")
     p.add_argument("--sequential", action="store_true", help="train one teacher after another in this process, without Ray")
+    _add_log_format(p)
     p.set_defaults(func=_cmd_train_teachers)
 
 
 def _cmd_train_teachers(args: argparse.Namespace) -> None:
+    from hetcomp_dist.progress import TeacherProgress
     from hetcomp_dist.run import load_run
     from hetcomp_dist.teachers.actors import TeachersFailed, format_summary, train_teachers
 
     cfg = load_run(args.config, args.overrides)
+    progress = TeacherProgress(cfg.teachers, cfg.layout.tensorboard, args.log_format)
     try:
-        summaries = train_teachers(cfg, sequential=args.sequential)
+        summaries = train_teachers(cfg, sequential=args.sequential, report=progress)
     except TeachersFailed as e:  # each failure's traceback is printed above
         print(f"hetcomp {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        progress.close()
+    if args.log_format == "json":
+        print(json.dumps({"event": "summary", "teachers": summaries}, default=str))
+        return
     print(format_summary(summaries, cfg.ks))
     print(f"summary written to {cfg.layout.teachers_summary}")
 

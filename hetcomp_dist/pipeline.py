@@ -10,7 +10,7 @@ import time
 from hetcomp_dist import storage
 from hetcomp_dist.distill.ensemble_eval import evaluate_ensemble
 from hetcomp_dist.distill.train import distill
-from hetcomp_dist.progress import Progress
+from hetcomp_dist.progress import Progress, TeacherProgress
 from hetcomp_dist.run import RunConfig, ensure_dataset
 from hetcomp_dist.teachers.actors import train_teachers
 
@@ -43,7 +43,11 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
     ensure_dataset(cfg)
     seconds["prepare"] = time.perf_counter() - t0
     t0 = stage("teachers")
-    train_teachers(cfg)
+    teachers = TeacherProgress(cfg.teachers, cfg.layout.tensorboard, log_format)
+    try:
+        train_teachers(cfg, report=teachers)
+    finally:
+        teachers.close()
     seconds["teachers"] = time.perf_counter() - t0
     t0 = stage("ensemble")
     ensemble = evaluate_ensemble(cfg)

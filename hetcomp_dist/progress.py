@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from hetcomp_dist import storage
 
@@ -57,6 +57,68 @@ class Progress:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+
+class TeacherLines:
+    """One line per evaluation, resume and finish; epoch lines at most every ``interval`` s per teacher."""
+
+    def __init__(self, teachers: list, interval: float = 5.0, stream: Any = None):
+        self._cfg = {t.name: t for t in teachers}
+        self._width = max((len(t.name) for t in teachers), default=1)
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name, kind = event["teacher"], event["event"]
+        t = self._cfg.get(name)
+        if kind == "epoch":
+            now = time.monotonic()
+            if "valid" not in event and now - self._last.get(name, -1e9) < self._interval:
+                return
+            self._last[name] = now
+            line = f"epoch {event['epoch']:>4}/{t.max_epochs if t else '?'}  loss {event['loss']:.4f}  " \
+                   f"{event['epoch_seconds']:.1f}s/epoch"
+            if "valid" in event:
+                metric = t.select_metric if t else "valid"
+                line += f"  valid {metric} {event['valid']:.4f}  (best {event['best']:.4f} @ {event['best_epoch']})"
+        elif kind == "resumed":
+            line = f"resumed from the checkpoint of epoch {event['epoch']}"
+        elif kind == "done":
+            line = f"done: best epoch {event['best_epoch']}, {event['epochs_trained']} epochs, " \
+                   f"{event['train_seconds']:.1f}s training"
+        elif kind == "skipped":
+            line = "complete trajectory with this config found: not trained again"
+        else:
+            line = str(event)
+        print(f"[{name:<{self._width}}] {line}", file=self._stream or sys.stdout, flush=True)
+
+
+class TeacherProgress:
+    """The teachers' report callback: :class:`TeacherLines` (text) or JSON lines, and TensorBoard event
+    files per teacher at ``board_uri(f"teacher-{name}")`` when that is given."""
+
+    def __init__(self, teachers: list, board_uri: Callable[[str], str] | None = None, log_format: str = "text",
+                 stream: IO[str] | None = None):
+        self.lines = TeacherLines(teachers, stream=stream) if log_format == "text" else None
+        self.stream = stream or sys.stdout
+        self.metrics = {t.name: t.select_metric for t in teachers}
+        self.board_uri, self.boards = board_uri, {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.lines is not None:
+            self.lines(event)
+        else:
+            print(json.dumps(event, default=str), file=self.stream, flush=True)
+        name = event.get("teacher")
+        if self.board_uri is not None and event.get("event") == "epoch" and "valid" in event and name in self.metrics:
+            if name not in self.boards:
+                self.boards[name] = _Board(self.board_uri(f"teacher-{name}"))
+            self.boards[name].add(event, self.metrics[name])
+
+    def close(self) -> None:
+        for board in self.boards.values():
+            board.close()
 
 
 class _Board:

@@ -32,7 +32,8 @@ import yaml
 from hetcomp_dist import config, storage
 from hetcomp_dist.cli import main
 from hetcomp_dist.run import RunConfig
-from hetcomp_dist.teachers.actors import FORWARDED_ENV, ProgressPrinter, format_summary, train_teachers
+from hetcomp_dist.progress import TeacherLines as ProgressPrinter
+from hetcomp_dist.teachers.actors import FORWARDED_ENV, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
 from hetcomp_dist.teachers.config import TeacherConfig
 from hetcomp_dist.loop import Checkpointer

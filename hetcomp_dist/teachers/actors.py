@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, Callable
 
 from hetcomp_dist import storage
 from hetcomp_dist.config import ConfigError, to_dict
+from hetcomp_dist.progress import TeacherProgress
 from hetcomp_dist.ray_cluster import init_ray
 from hetcomp_dist.run import RunConfig, ensure_dataset
 from hetcomp_dist.teachers.config import TeacherConfig
@@ -73,41 +73,6 @@ class EventBox:
         return events
 
 
-class ProgressPrinter:
-    """One line per evaluation, resume and finish; epoch lines at most every ``interval`` s per teacher."""
-
-    def __init__(self, teachers: list[TeacherConfig], interval: float = 5.0, stream: Any = None):
-        self._cfg = {t.name: t for t in teachers}
-        self._width = max((len(t.name) for t in teachers), default=1)
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._stream = stream
-
-    def __call__(self, event: Event) -> None:
-        name, kind = event["teacher"], event["event"]
-        t = self._cfg.get(name)
-        if kind == "epoch":
-            now = time.monotonic()
-            if "valid" not in event and now - self._last.get(name, -1e9) < self._interval:
-                return
-            self._last[name] = now
-            line = f"epoch {event['epoch']:>4}/{t.max_epochs if t else '?'}  loss {event['loss']:.4f}  " \
-                   f"{event['epoch_seconds']:.1f}s/epoch"
-            if "valid" in event:
-                metric = t.select_metric if t else "valid"
-                line += f"  valid {metric} {event['valid']:.4f}  (best {event['best']:.4f} @ {event['best_epoch']})"
-        elif kind == "resumed":
-            line = f"resumed from the checkpoint of epoch {event['epoch']}"
-        elif kind == "done":
-            line = f"done: best epoch {event['best_epoch']}, {event['epochs_trained']} epochs, " \
-                   f"{event['train_seconds']:.1f}s training"
-        elif kind == "skipped":
-            line = "complete trajectory with this config found: not trained again"
-        else:
-            line = str(event)
-        print(f"[{name:<{self._width}}] {line}", file=self._stream or sys.stdout, flush=True)
-
-
 def format_summary(summaries: list[dict[str, Any]], ks: list[int]) -> str:
     """Markdown table: one row per teacher, test Recall/NDCG at 20 and 50 (else the config's ks)."""
     cut = [k for k in ks if k in (20, 50)] or list(ks)
@@ -125,7 +90,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
                    report: Callable[[Event], None] | None = None) -> list[dict[str, Any]]:
     """Train every teacher of ``cfg``; returns their summaries in config order (also written to storage).
 
-    ``report`` receives every progress event of ``train_teacher`` (default: a :class:`ProgressPrinter`),
+    ``report`` receives every progress event of ``train_teacher`` (default: a :class:`~hetcomp_dist.progress.TeacherProgress`),
     plus ``"skipped"`` events; under Ray each event also carries the ``pid`` of the actor's process.
     Raises :class:`ConfigError` when the config lists no teacher (every other setting was checked when
     the config was loaded) and :class:`TeachersFailed` if any teacher failed for good (the others'
@@ -136,7 +101,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
         raise ConfigError("no teachers in the config (teachers: [...])")
     if cfg.storage.endpoint_url:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
-    report = report or ProgressPrinter(cfg.teachers)
+    report = report or TeacherProgress(cfg.teachers, cfg.layout.tensorboard)
     dataset_uri = ensure_dataset(cfg)
 
     results: dict[str, dict[str, Any]] = {}
