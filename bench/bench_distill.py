@@ -246,16 +246,14 @@ class State:
 
 
 def build_state(spec: dict, cfg, max_setup_batches: int) -> State:
-    """Setup as distill() does it: load, read the trajectories, P_u, T_u, the sampler's PairIndex.
-
-    P_u and T_u are built in user batches of 1024 (a dense 1024 x n_items buffer each); beyond
-    ``max_setup_batches`` batches the rest are filled by tiling the built rows and their time is projected."""
+    """Setup as distill() does it: load the dataset, then the KD objective (P_u and T_u at stage 0,
+    built from the trajectories read by row group in blocks of users; the lists are not kept) and
+    the sampler's PairIndex. ``max_setup_batches`` is kept for the command line; the build is whole."""
     import torch
 
     from hetcomp_dist.data.dataset import load_dataset
-    from hetcomp_dist.distill import dissensus
-    from hetcomp_dist.distill.ensemble import rank_importance
-    from hetcomp_dist.distill.objectives import TargetBuilder, _observed_ranking
+    from hetcomp_dist.distill.objectives import KDObjective
+    from hetcomp_dist.distill.student import build_student
     from hetcomp_dist.models import sampling
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
@@ -263,37 +261,19 @@ def build_state(spec: dict, cfg, max_setup_batches: int) -> State:
     data = load_dataset(spec["dataset"])
     n_users, n_items = data.n_users, data.n_items
     t_data = time.perf_counter()
-    importance = rank_importance(100, cfg.temperature)
     reader = TrajectoryReader(spec["teachers"])
-    lists = reader.trajectories(0, n_users)
-    stage = torch.zeros(n_users, lists.shape[1], dtype=torch.long)
-    n_built = min(n_users, max_setup_batches * 1024)
-    observed = reader.observed(0, n_users)                # [U, T, 100], as distill() reads it (a temporary)
-    t_read = time.perf_counter()
-    observed_rank = torch.empty(n_users, cfg.observed_size, dtype=torch.long)
-    observed_rank[:n_built] = _observed_ranking(observed[:n_built], n_items, cfg.observed_size, importance)
-    del observed
-    t_observed = time.perf_counter()
-    pop = dissensus.popularity_percentile(data.train.item_counts())
-    build = TargetBuilder(cfg, n_items, importance, pop, torch.from_numpy(data.train.item_counts()).float())
-    targets = torch.empty(n_users, cfg.target_size, dtype=torch.long)
-    targets[:n_built], target_weights = build(lists[:n_built], stage[:n_built])
+    student = build_student(n_users, n_items, cfg.dim, cfg.init_std, 0, n_users)
+    objective = KDObjective(cfg, data, student, reader, 0, n_users, 0)
     t_targets = time.perf_counter()
-    for lo in range(n_built, n_users, n_built):           # content only: shapes and memory as in a full build
-        n = min(n_built, n_users - lo)
-        targets[lo:lo + n], observed_rank[lo:lo + n] = targets[:n], observed_rank[:n]
-    state_bytes = (lists.numel() * 4 + targets.numel() * 8 + observed_rank.numel() * 8 + stage.numel() * 8
-                   + (0 if target_weights is None else target_weights.numel() * 4))
     train_users, units = data.train.users(), np.flatnonzero(data.train.counts() > 0)
     sampling.PairIndex(data.train)                       # distill() builds it before the loop; its memory counts
-    scale = n_users / n_built
-    setup = {"setup_seconds": (t_read - t0) + (t_targets - t_read) * scale, "load_seconds": t_data - t0,
-             "read_seconds": t_read - t_data, "observed_seconds": (t_observed - t_read) * scale,
-             "targets_seconds": (t_targets - t_observed) * scale, "build_projected": n_built < n_users,
-             "built_users": n_built, "setup_rss_mb": peak_rss_mib(), "import_rss_mb": rss_start,
-             "state_bytes": state_bytes, "lists_bytes": lists.numel() * 4, "n_users": n_users,
-             "nnz": data.train.nnz, "n_units": len(units), "stages": lists.shape[2]}
-    return State(data, observed_rank, targets, train_users, units, setup)
+    lists_bytes = n_users * reader.n_teachers * reader.n_snapshots * min(reader.ks) * 4
+    setup = {"setup_seconds": t_targets - t0, "load_seconds": t_data - t0, "read_seconds": 0.0,
+             "observed_seconds": 0.0, "targets_seconds": t_targets - t_data, "build_projected": False,
+             "built_users": n_users, "setup_rss_mb": peak_rss_mib(), "import_rss_mb": rss_start,
+             "state_bytes": objective.state_bytes(), "lists_bytes": lists_bytes, "n_users": n_users,
+             "nnz": data.train.nnz, "n_units": len(units), "stages": reader.n_snapshots}
+    return State(data, objective.observed.long(), objective.targets.long(), train_users, units, setup)
 
 
 class StepVariant:
@@ -302,7 +282,7 @@ class StepVariant:
     def __init__(self, name: str, cfg, state: State):
         import torch
 
-        from hetcomp_dist.distill.train import Student
+        from hetcomp_dist.distill.student import Student
 
         self.name, self.cfg, self.state = name, cfg, state
         neg, self.unit = name.split("/")
