@@ -1,0 +1,83 @@
+"""The reference-regime table of bench/fidelity.sh: HetComp, its ablation (the final ensemble, L_R only)
+and the student alone, mean and standard deviation over the seeds that have finished.
+
+    .venv/bin/python bench/fidelity_report.py [--run runs/citeulike] [--out docs/results/fidelity.md]
+
+Reads ``<run>/distill/ref_<method>_T<temperature>_s<seed>/metrics.json``; a run still in progress
+is listed by its checkpoint's epoch and left out of the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from hetcomp_dist import storage
+from hetcomp_dist.benchutil import markdown_table
+
+METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50", "coverage@50")
+LABELS = {"hetcomp": "HetComp", "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
+
+
+def _runs(run: Path) -> dict[tuple[str, str], list[dict]]:
+    """(method, temperature) -> the finished runs' metrics; runs in progress as {"in_progress": epoch}."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted((run / "distill").glob("ref_*_T*_s*")):
+        method, rest = path.name[4:].rsplit("_T", 1)
+        temperature, seed = rest.split("_s")
+        key = (method, "-" if method == "bpr" else temperature)
+        if storage.is_complete(str(path)):
+            metrics = json.loads((path / "metrics.json").read_text())
+            out.setdefault(key, []).append({"seed": int(seed), **metrics})
+        else:
+            epochs = sorted(p.name for p in (path / "checkpoints").glob("epoch-*")) if (path / "checkpoints").exists() else []
+            out.setdefault(key, []).append({"seed": int(seed), "in_progress": epochs[-1] if epochs else "starting"})
+    return out
+
+
+def _lr_start(m: dict) -> int | None:
+    """The first epoch trained with L_R (None: never)."""
+    epochs = [0] + [h["epoch"] for h in m["history"]]
+    for before, h in zip(epochs, m["history"]):
+        if h.get("phase") == "L_R":
+            return before + 1                      # the epochs after the evaluation that ended DKC
+    return None
+
+
+def _cell(values: list[float], fmt: str = "{:.4f}") -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def table(runs: dict) -> str:
+    rows = []
+    for (method, temperature), items in sorted(runs.items()):
+        done = [m for m in items if "in_progress" not in m]
+        busy = [f"s{m['seed']} at {m['in_progress']}" for m in items if "in_progress" in m]
+        cells = [_cell([m["test"][k] for m in done], "{:.1f}" if "lift" in k else "{:.4f}") for k in METRICS]
+        lr = [x for x in (_lr_start(m) for m in done) if x is not None]
+        rows.append([LABELS.get(method, method), temperature, len(done), *cells,
+                     _cell([m["epochs"] for m in done], "{:.0f}"), _cell(lr, "{:.0f}") or "-",
+                     _cell([m["train_seconds"] / 60 for m in done], "{:.0f}"), ", ".join(busy)])
+    head = ["method", "T", "seeds", *METRICS, "epochs", "L_R from epoch", "train min", "in progress"]
+    return markdown_table(head, rows, numeric=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/citeulike")
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args()
+    text = table(_runs(Path(args.run)))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
