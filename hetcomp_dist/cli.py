@@ -13,6 +13,7 @@ from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.data import registry
 from hetcomp_dist.data.formats import FORMATS, Columns, DataError
+from hetcomp_dist.refresh import cli as refresh_cli
 
 def _demo_config() -> str:
     """configs/demo.yaml of the working directory (the image's /app), else of the source checkout."""
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ensemble_parser(sub)
     _demo_parser(sub)
     compare.add_parser(sub)
+    refresh_cli.add_parsers(sub)
     return parser
 
 

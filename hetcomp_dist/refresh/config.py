@@ -1,0 +1,96 @@
+"""The refresh's settings: the ``refresh`` section of a run YAML, read beside the RunConfig.
+
+RunConfig is strict (an unknown top-level key is an error) and is not this package's, so
+:func:`load` takes the ``refresh`` section out before the rest is read as a RunConfig; a config
+without one gets the defaults (configs/production.yaml has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from hetcomp_dist import config
+from hetcomp_dist.config import ConfigError, Where, check_metric, check_ranges
+from hetcomp_dist.data import formats
+
+
+@dataclass
+class NewDataConfig:
+    """How new interaction files are read (csv, parquet, inter: any format prepare reads)."""
+    format: str | None = None        # default: from the file name
+    user: str = "user"
+    item: str = "item"
+    timestamp: str = "timestamp"
+    id_type: str | None = None       # int | str; default: the first version's (int for csv/parquet)
+    delimiter: str = ","
+
+    def validate(self, where: Where) -> None:
+        if self.format is not None and self.format not in formats.FORMATS:
+            raise where.at("format").error(f"{self.format!r} is not one of {list(formats.FORMATS)}")
+        if self.id_type not in (None, "int", "str"):
+            raise where.at("id_type").error(f"{self.id_type!r} is not 'int' or 'str'")
+
+
+@dataclass
+class GateConfig:
+    """Promote the candidate only if, on the fresh holdout, every metric is >= production's x (1 - tolerance)
+    and the sanity checks pass (finite scores, coverage@K above a floor)."""
+    metrics: list[str] = field(default_factory=lambda: ["recall@20", "ndcg@20"])
+    tolerance: float = 0.02          # relative: candidate >= (1 - tolerance) x production
+    min_coverage: float = 0.01       # coverage@max(ks) of the catalogue, a floor
+    min_users: int = 1               # evaluated holdout users needed to decide at all
+
+    RANGES: ClassVar[tuple[str, ...]] = ("tolerance >= 0", "tolerance <= 1", "min_coverage >= 0",
+                                         "min_coverage <= 1", "min_users >= 1")
+
+    def validate(self, where: Where) -> None:
+        check_ranges(self, where, self.RANGES)
+        if not self.metrics:
+            raise where.at("metrics").error("must name at least one metric")
+        for i, m in enumerate(self.metrics):
+            check_metric(where.at("metrics").at(i), m)
+
+
+@dataclass
+class RefreshConfig:
+    holdout_fraction: float = 0.1    # the newest fraction of the new rows (by time) is the gate's holdout (test)
+    holdout_seconds: float = 0.0     # > 0: instead, the new rows within this many seconds of the newest (e.g. 86400)
+    valid_fraction: float = 0.1      # of the older rows; a pair keeps its train/valid label in every version
+    seed: int = 0
+    warm_start: bool = True          # False: every version trains from scratch (the bench's baseline)
+    teacher_epochs: int = 4          # a warm-started teacher trains at most this many more epochs (or its stopping rule)
+    student_epochs: int = 40         # a warm-started student's max_epochs
+    export_k: int = 50               # top-K recommendations per user in the export
+    lease_ttl_s: float = 900.0
+    new_data: NewDataConfig = field(default_factory=NewDataConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    RANGES: ClassVar[tuple[str, ...]] = (
+        "holdout_fraction > 0", "holdout_fraction < 1", "holdout_seconds >= 0", "valid_fraction >= 0",
+        "valid_fraction < 1", "seed >= 0", "teacher_epochs >= 1", "student_epochs >= 1", "export_k >= 1",
+        "lease_ttl_s > 0")
+
+    def validate(self, where: Where) -> None:
+        check_ranges(self, where, self.RANGES)
+
+
+def load(path: str | Path | None, overrides: list[str] = ()):
+    """(RunConfig, RefreshConfig) of a run YAML plus ``--set`` overrides (``refresh.*`` ones included);
+    the entry point's checks (outputs that outlive a Ray job) and storage settings applied."""
+    from hetcomp_dist import run as run_module
+
+    where = Where(str(path) if path is not None else "config")
+    data = config._read_yaml(path) if path is not None else {}
+    data = config.apply_overrides(data, list(overrides))
+    section = data.pop("refresh", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where.at('refresh')}: must be a mapping, got {type(section).__name__}")
+    cfg = config.from_dict(run_module.RunConfig, data, where)
+    refresh = config.from_dict(RefreshConfig, section, where.at("refresh"))
+    for i, metric in enumerate(refresh.gate.metrics):
+        check_metric(where.at("refresh").at("gate").at("metrics").at(i), metric, cfg.ks)
+    run_module.check_outputs_outlive_the_job(cfg)
+    run_module.configure_storage(cfg)
+    return cfg, refresh
