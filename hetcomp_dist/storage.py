@@ -3,7 +3,13 @@
 An *output* is a directory-like prefix holding data parts and, written last, ``MANIFEST.json``
 (parts with row counts, bytes and sha256, the producing config, package versions). A reader
 trusts an output only through its manifest, so a crashed or killed writer leaves nothing
-visible: opening an output first deletes any old manifest, and a failed write removes its parts.
+visible: opening an output first deletes any old manifest (and the parts it listed), parts are
+written under writer-private temporary names (``<name>.<token>.tmp``) renamed into place only at the
+commit, and a failed write removes only its own temporaries (never another writer's parts).
+
+Commit scopes (:func:`commit_scope`): while one is active, every manifest this process commits at or
+under its prefix first passes its check (e.g. :mod:`hetcomp_dist.lease`: the lease is still ours) and
+carries its fields (e.g. the dataset's identity, :mod:`hetcomp_dist.lineage`).
 
 S3 endpoint (MinIO, moto, ...): ``configure(endpoint_url=...)`` or the standard
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` environment variables; credentials and region
@@ -140,6 +146,59 @@ def is_complete(uri: str) -> bool:
     return exists(join(uri, MANIFEST))
 
 
+_SCOPES: list[tuple[tuple[bool, str], Callable[[], None] | None, dict[str, Any]]] = []
+_TMP = re.compile(r"\.[0-9a-f]{12}\.tmp$")
+
+
+def _key(uri: str) -> tuple[bool, str]:
+    fs, path = filesystem(uri)
+    return _is_local(fs), path.rstrip("/")
+
+
+@contextlib.contextmanager
+def commit_scope(prefix: str, check: Callable[[], None] | None = None,
+                 fields: dict[str, Any] | None = None) -> Iterator[None]:
+    """While active, every manifest committed in this process at or under ``prefix`` first calls
+    ``check`` (which raises to refuse the commit) and carries ``fields`` (top-level manifest fields)."""
+    scope = (_key(prefix), check, dict(fields or {}))
+    _SCOPES.append(scope)
+    try:
+        yield
+    finally:
+        _SCOPES.remove(scope)
+
+
+def _scopes_for(uri: str) -> list[tuple[tuple[bool, str], Callable[[], None] | None, dict[str, Any]]]:
+    if not _SCOPES:
+        return []
+    local, path = _key(uri)
+    return [s for s in _SCOPES if s[0][0] == local and (path == s[0][1] or path.startswith(s[0][1] + "/"))]
+
+
+def check_commit(uri: str) -> None:
+    """Run the checks of the commit scopes covering ``uri`` (raise to refuse a commit there)."""
+    for _, check, _ in _scopes_for(uri):
+        if check is not None:
+            check()
+
+
+def sweep_temporaries(uri: str) -> int:
+    """Remove the writer-private temporaries (``*.<12 hex>.tmp``) under ``uri``, left by killed writers;
+    only for a writer that holds the prefix's lease (another live writer's would go too). Returns the count."""
+    fs, path = filesystem(uri)
+    try:
+        names = fs.find(path)
+    except (FileNotFoundError, OSError):
+        return 0
+    removed = 0
+    for name in names:
+        if _TMP.search(name):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm(name)
+                removed += 1
+    return removed
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in _VERSIONED:
@@ -184,15 +243,22 @@ class Output:
     config: dict[str, Any]
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    _temporary: dict[str, str] = field(default_factory=dict)   # part name -> its private path until the commit
 
     @contextlib.contextmanager
     def open_part(self, name: str) -> Iterator[_HashingFile]:
-        """Open part ``name`` (a relative path) for binary writing; recorded in the manifest on close."""
+        """Open part ``name`` (a relative path) for binary writing; recorded in the manifest on close.
+
+        Written to ``<name>.<token>.tmp`` (this writer's own), renamed to ``name`` at the commit.
+        """
         if name in self.parts or name == MANIFEST:
             raise StorageError(f"part {name!r} written twice to {self.uri}")
         where = child(self.uri, name)
-        fs, path = filesystem(where)
+        fs, final = filesystem(where)
+        path = f"{final}.{self.token}.tmp"
         self.parts[name] = {"rows": None}  # reserved now so a failure still cleans it up
+        self._temporary[name] = path
         with _writing(where):
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             raw = fs.open(path, "wb")
@@ -217,19 +283,28 @@ class Output:
                 yield writer
             finally:
                 writer.close()
-        self.parts[name]["rows"] = _parquet_rows(join(self.uri, name))
+        fs, _ = filesystem(self.uri)
+        with fs.open(self._temporary[name], "rb") as f:
+            self.parts[name]["rows"] = pq.ParquetFile(f).metadata.num_rows
 
     def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
         with self.parquet_writer(name, table.schema) as writer:
             writer.write_table(table, row_group_size=row_group_size)
 
     def _commit(self) -> dict[str, Any]:
+        check_commit(self.uri)                     # e.g. the lease: before any part replaces another's
+        for name, path in list(self._temporary.items()):
+            fs, final = filesystem(child(self.uri, name))
+            with _writing(join(self.uri, name)):
+                fs.mv(path, final)                 # a rename locally; a server-side copy on S3
+            del self._temporary[name]
         return commit_manifest(self.uri, self.kind, self.parts, self.config, self.extra)
 
     def _abort(self) -> None:
-        for name in self.parts:
+        """Remove this writer's temporaries only: a final name may be another writer's part."""
+        for path in self._temporary.values():
             with contextlib.suppress(FileNotFoundError, OSError, StorageError):
-                fs, path = filesystem(child(self.uri, name))
+                fs, _ = filesystem(self.uri)
                 fs.rm(path)
 
 
@@ -272,6 +347,11 @@ def commit_manifest(uri: str, kind: str, parts: dict[str, dict[str, Any]],
     For writers whose parts outlive one ``open_output`` block (e.g. written by :func:`write_part`
     over a long run): call it last, once every listed part is complete.
     """
+    scoped: dict[str, Any] = {}
+    for _, check, fields in _scopes_for(uri):
+        if check is not None:
+            check()                                 # refuses the commit (e.g. LeaseLost)
+        scoped.update(fields)
     manifest = {
         "kind": kind,
         "format_version": 1,
@@ -279,6 +359,7 @@ def commit_manifest(uri: str, kind: str, parts: dict[str, dict[str, Any]],
         "parts": parts,
         "config": dict(config or {}),
         "versions": package_versions(),
+        **scoped,
         **(extra or {}),
     }
     fs, path = filesystem(join(uri, MANIFEST))
@@ -312,23 +393,25 @@ def write_part(uri: str, name: str) -> Iterator[_HashingFile]:
     hashed.entry = {"bytes": hashed.nbytes, "sha256": hashed.sha256.hexdigest()}
 
 
-def _parquet_rows(uri: str) -> int:
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 @contextlib.contextmanager
 def open_output(uri: str, kind: str, config: dict[str, Any] | None = None) -> Iterator[Output]:
     """Write an output at ``uri``: parts inside the block, the manifest only if the block succeeds.
 
-    An existing manifest is removed first, so readers never mix an old manifest with new parts.
+    An existing manifest is removed first, so readers never mix an old manifest with new parts, then
+    the parts it listed (nothing of the old output outlives a rewrite that is killed before its commit).
     Put extra manifest fields in ``out.extra``.
     """
     fs, path = filesystem(join(uri, MANIFEST))
     if fs.exists(path):
+        try:
+            old = read_manifest(uri)["parts"]
+        except StorageError:
+            old = {}
         with _writing(uri):
             fs.rm(path)
+        for name in old:
+            with contextlib.suppress(FileNotFoundError, OSError, StorageError):
+                fs.rm(filesystem(child(uri, name))[1])
     out = Output(uri=str(uri), kind=kind, config=dict(config or {}))
     try:
         yield out

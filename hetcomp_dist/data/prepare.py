@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from hetcomp_dist import storage
+from hetcomp_dist import lease, lineage, storage
 from hetcomp_dist.data import formats, registry
 from hetcomp_dist.data.formats import Columns, DataError
 
@@ -303,11 +303,22 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
     """Prepare a dataset and write it under ``out``; returns meta.json's content.
 
     Everything is validated before the first byte is written, so bad input writes nothing; an
-    output location that cannot be written is refused before the input is read.
+    output location that cannot be written is refused before the input is read. One writer at a
+    time: ``out``'s lease (:mod:`hetcomp_dist.lease`) is held from before the input is read until the
+    manifest is committed (LeaseHeld if another live writer has it). Everything a reader trusts is
+    in the manifest: the parts with their sha256, meta.json's content (``meta``) and the dataset's
+    identity (``dataset``, :mod:`hetcomp_dist.lineage`).
     """
     storage.check_writable(out)
     source, default = resolve_source(name_or_path, fmt, columns, id_type, delimiter)
     proto = default_protocol(protocol or default, **protocol_options)
+    with lease.hold(out):
+        return _prepare(name_or_path, out, source, proto, fmt, columns, progress)
+
+
+def _prepare(name_or_path: str, out: str, source: Source, proto: Protocol, fmt: str | None, columns: Columns,
+             progress: bool) -> dict[str, Any]:
+    """Read, split and write (under the lease)."""
     extras = tuple(name for name, needed in (("timestamp", proto.name == "leave-last-out"),
                                              ("rating", proto.rating_threshold is not None)) if needed)
     raw = read_source(source, progress, extras)
@@ -326,7 +337,9 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
     }
     config = {"input": name_or_path, "format": fmt, "protocol": dataclasses.asdict(proto),
               "columns": dataclasses.asdict(columns), "id_type": source.id_type}
+    storage.sweep_temporaries(out)          # killed writers' leftovers (we hold the lease: no live writer's)
     with storage.open_output(out, kind="dataset", config=config) as output:
+        output.extra.update(meta=meta, dataset=lineage.identity_of(meta))
         for name, s in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
             mask = label == s
             table = pa.table({"user": result["user"][mask], "item": result["item"][mask]})
@@ -336,6 +349,45 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
             output.write_table(f"{name}_map.parquet", table, row_group_size=ROW_GROUP)
         output.write_json("meta.json", meta)
     return meta
+
+
+def _defaults(name_or_path: str, fmt: str | None) -> tuple[str | None, str | None]:
+    """(format, protocol name) a source is prepared with by default, without reading it; None where unknown."""
+    if name_or_path in registry.REGISTRY:
+        spec = registry.REGISTRY[name_or_path]
+        return spec.format, spec.protocol
+    try:
+        source, protocol = resolve_source(name_or_path, fmt)
+    except (DataError, storage.StorageError, OSError):
+        return fmt, None                    # the source is gone: compare only what is asked explicitly
+    return source.format, protocol
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    local = lambda x: isinstance(x, str) and ("://" not in x or x.startswith("file://"))  # noqa: E731
+    return local(a) and local(b) and storage.filesystem(a)[1] == storage.filesystem(b)[1]
+
+
+def check_settings(uri: str, source: str, protocol: str | None, fmt: str | None, seed: int) -> None:
+    """Refuse (one-line StorageError naming the stored and the asked settings) to reuse the complete dataset at
+    ``uri`` for other data settings (source, protocol, seed, format): a run never silently keeps a dataset
+    prepared another way. Defaults (protocol/format None) are resolved as :func:`prepare` would."""
+    identity = lineage.dataset_identity(uri)
+    stored_protocol = identity.get("protocol") or {}
+    stored = {"source": identity.get("source"), "protocol": stored_protocol.get("name"),
+              "seed": identity.get("seed", stored_protocol.get("seed")), "format": identity.get("format")}
+    default_format, default_protocol_name = _defaults(source, fmt)
+    asked = {"source": source, "protocol": protocol or default_protocol_name, "seed": seed,
+             "format": fmt or default_format}
+    differs = [k for k in stored if asked[k] is not None and not (
+        _same_source(stored[k], asked[k]) if k == "source" else stored[k] == asked[k])]
+    if differs:
+        show = lambda d: ", ".join(f"{k}={d[k]!r}" for k in ("source", "protocol", "seed", "format"))  # noqa: E731
+        raise storage.StorageError(
+            f"{uri}: this run's dataset was prepared with {show(stored)}, but the config asks for {show(asked)} "
+            f"({', '.join(differs)} differ): use another run location, or remove {uri} to prepare it again")
 
 
 def describe(meta: dict[str, Any]) -> str:
