@@ -15,10 +15,11 @@ skip or a resume does not (it trains again).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from hetcomp_dist import storage
+from hetcomp_dist import lease, storage
 from hetcomp_dist.storage import StorageError
 
 KEY = "dataset"        # the manifests' field
@@ -78,3 +79,51 @@ def check_trajectories(dataset_uri: str, trajectory_uris: Iterable[str],
                                f"{dataset_uri} is dataset {describe(identity)}: train the teacher again on "
                                "this dataset (hetcomp train-teachers), or distil on the dataset it was trained on")
     return identity
+
+
+def drop_foreign_checkpoints(out: str, identity: dict[str, Any]) -> bool:
+    """Remove ``<out>/checkpoints`` if a checkpoint there was written for another dataset (never resumed
+    on this one); True if removed. Checkpoints written before lineage was recorded are kept."""
+    root = storage.join(out, "checkpoints")
+    fs, path = storage.filesystem(root)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, OSError):
+        return False
+    for name in names:
+        uri = storage.join(root, name)
+        if not name.startswith("epoch-") or not storage.is_complete(uri):
+            continue
+        with contextlib.suppress(StorageError):
+            stored = storage.read_manifest(uri).get(KEY)
+            if stored is not None and not same(stored, identity):
+                storage.remove(root)
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def student_output(out: str, dataset_uri: str, trajectory_uris: Iterable[str]) -> Iterator[tuple[Any, dict]]:
+    """The distillation's output ``out`` for its entry points (one process or the Ray driver):
+
+    refuses trajectories of another dataset, holds ``out``'s lease (every manifest committed under ``out`` in
+    this process, the checkpoints' and the final one, checks it first), drops checkpoints of another dataset,
+    and stamps the dataset's identity into those manifests. Yields ``(lease, identity)``: a Ray worker
+    re-enters the same scope with :func:`worker_scope`.
+    """
+    identity = check_trajectories(dataset_uri, trajectory_uris)
+    with lease.hold(out) as held:
+        drop_foreign_checkpoints(out, identity)
+        with storage.commit_scope(out, fields={KEY: identity}):
+            yield held, identity
+
+
+@contextlib.contextmanager
+def worker_scope(out: str, held: Any, identity: dict[str, Any] | None) -> Iterator[None]:
+    """In a process that writes under ``out`` for the holder of ``held`` (a Ray worker): each manifest it
+    commits there checks that lease first and carries the dataset's identity."""
+    if held is None:
+        yield
+        return
+    with storage.commit_scope(out, check=held.check, fields={KEY: identity} if identity else None):
+        yield

@@ -7,7 +7,7 @@ import io
 import json
 import time
 
-from hetcomp_dist import storage
+from hetcomp_dist import lineage, storage
 from hetcomp_dist.distill.ensemble_eval import evaluate_ensemble
 from hetcomp_dist.distill.train import distill
 from hetcomp_dist.progress import Progress, TeacherProgress
@@ -16,9 +16,14 @@ from hetcomp_dist.teachers.actors import train_teachers
 
 
 def distill_run(cfg: RunConfig, report=None) -> dict:
-    """Distil the run's teachers into a student (single process); returns metrics.json's content."""
+    """Distil the run's teachers into a student (single process); returns metrics.json's content.
+
+    Under the output's lease, refusing trajectories of another dataset, with the dataset's identity in the
+    student's manifests (lineage.student_output)."""
     uris = cfg.layout.trajectories(cfg.teacher_names())
-    return distill(ensure_dataset(cfg), uris, cfg.distill, cfg.student_uri(), tuple(cfg.ks), report or (lambda e: None))
+    dataset_uri, out = ensure_dataset(cfg), cfg.student_uri()
+    with lineage.student_output(out, dataset_uri, uris):
+        return distill(dataset_uri, uris, cfg.distill, out, tuple(cfg.ks), report or (lambda e: None))
 
 
 def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), log=print,
@@ -55,7 +60,7 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
     rows = {name: m["test"] for name, m in ensemble["models"].items()}
     for method in methods:
         t0 = stage(f"student ({method})")
-        if log_format == "text" and not storage.is_complete(cfg.layout.student(method)):
+        if log_format == "text" and not _reusable(cfg.layout.student(method), cfg.dataset_uri):
             log(f"distilling: {method}")
         rows[f"student ({method})"] = _student(cfg, method, log_format)["test"]
         seconds[f"student ({method})"] = time.perf_counter() - t0
@@ -69,9 +74,10 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
 
 
 def _student(cfg: RunConfig, method: str, log_format: str) -> dict:
-    """The run's student of ``method``: reused when complete, else distilled (with progress lines)."""
+    """The run's student of ``method``: reused when complete and distilled from this dataset, else distilled
+    (with progress lines)."""
     out = cfg.layout.student(method)
-    if not storage.is_complete(out):
+    if not _reusable(out, cfg.dataset_uri):
         d = dataclasses.replace(cfg.distill, method=method, out=out)
         progress = Progress(f"student {method}", d.max_epochs, d.select_metric, log_format,
                             cfg.layout.tensorboard(f"student-{method}"))
@@ -80,6 +86,11 @@ def _student(cfg: RunConfig, method: str, log_format: str) -> dict:
         finally:
             progress.close()
     return storage.read_json(out, "metrics.json")
+
+
+def _reusable(out: str, dataset_uri: str) -> bool:
+    return storage.is_complete(out) and lineage.same(storage.read_manifest(out).get(lineage.KEY),
+                                                     lineage.dataset_identity(dataset_uri))
 
 
 def _bars_png(rows: dict, title: str, metric: str = "recall@50") -> bytes:

@@ -169,8 +169,14 @@ def configure_storage(cfg: RunConfig) -> None:
 
 
 def ensure_dataset(cfg: RunConfig, progress: bool = True) -> str:
-    """Prepare the run's dataset unless a complete one is already there; returns its URI."""
-    uri = cfg.dataset_uri
-    if not storage.is_complete(uri):
-        prep.prepare(cfg.data.source, uri, cfg.data.protocol, cfg.data.format, seed=cfg.data.seed, progress=progress)
+    """Prepare the run's dataset unless a complete one is already there; returns its URI.
+
+    A complete one is reused only if it was prepared with the config's ``data`` settings (source, protocol,
+    seed, format); otherwise a one-line StorageError names the stored and the asked settings (never reused
+    silently, nor replaced under the run's teachers and students)."""
+    uri, d = cfg.dataset_uri, cfg.data
+    if storage.is_complete(uri):
+        prep.check_settings(uri, d.source, d.protocol, d.format, d.seed)
+    else:
+        prep.prepare(d.source, uri, d.protocol, d.format, seed=d.seed, progress=progress)
     return uri

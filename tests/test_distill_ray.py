@@ -41,7 +41,7 @@ def ray_run(run):  # noqa: F811
 
 
 def _config(tmp_path: Path, run_dir: Path, out: str, workers: int, cpus: float = 1) -> Path:
-    cfg = {"run": str(run_dir), "data": {"source": "synthetic"}, "ks": [10, 20],
+    cfg = {"run": str(run_dir), "data": {"source": str(run_dir.parent / "log.parquet")}, "ks": [10, 20],  # its dataset's
            "distill": {**DISTILL, "workers": workers, "cpus_per_worker": cpus, "out": out},
            "ray": {"max_restarts": 2, "num_cpus": 4}}
     path = tmp_path / "config.yaml"

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from hetcomp_dist import storage
+from hetcomp_dist import lineage, storage
 from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.distill import teacher_weights
@@ -185,6 +185,7 @@ def _open(cfg: RunConfig, names: list[str], uris: list[str]) -> tuple[Any, Traje
         raise StorageError(f"{cfg.dataset_uri}: no prepared dataset (run `hetcomp train-teachers` or "
                            "`hetcomp prepare` for this run first)")
     data = load_dataset(cfg.dataset_uri)
+    lineage.check_trajectories(cfg.dataset_uri, uris)     # written for this very dataset
     reader = TrajectoryReader(uris)
     if reader.n_users != data.n_users:
         raise StorageError(f"trajectories have {reader.n_users} users, the dataset at {cfg.dataset_uri} "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from hetcomp_dist import storage
+from hetcomp_dist import lineage, storage
 from hetcomp_dist.ray_cluster import init_ray
 from hetcomp_dist.run import RunConfig, ensure_dataset
 
@@ -41,21 +41,32 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
         storage_path: Ray Train's own run directory (default ~/ray_results); our checkpoints and
             outputs live under the run URI regardless.
     """
+    uris = cfg.layout.trajectories(cfg.teacher_names())
+    out = cfg.student_uri()
+    dataset_uri = ensure_dataset(cfg)
+    with lineage.student_output(out, dataset_uri, uris) as (held, identity):   # the driver holds <out>'s lease
+        _fit(cfg, dataset_uri, uris, out, hooks, log_format, storage_path, held, identity)
+    metrics = storage.read_json(out, "metrics.json")
+    if report:
+        report(metrics)
+    return metrics
+
+
+def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Sequence[Callable], log_format: str,
+         storage_path: str | None, held: Any, identity: dict) -> None:
+    """Ray Train's run of :func:`_worker` (the workers check the driver's lease before each manifest)."""
     import ray
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distill
-    uris = cfg.layout.trajectories(cfg.teacher_names())
-    out = cfg.student_uri()
-    dataset_uri = ensure_dataset(cfg)
     started = init_ray(cfg.ray)
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "teacher_uris": uris, "out": out,
-                               "hooks": list(hooks), "log_format": log_format},
+                               "hooks": list(hooks), "log_format": log_format, "lease": held, "dataset": identity},
             # The loop computes on the CPU (gloo) even where GPUs are reserved: it is not moved to CUDA yet.
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
@@ -67,10 +78,6 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
     finally:
         if started:
             ray.shutdown()
-    metrics = storage.read_json(out, "metrics.json")
-    if report:
-        report(metrics)
-    return metrics
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -95,5 +102,6 @@ def _worker(config: dict[str, Any]) -> None:
         if "valid" in event:  # every rank evaluates, so every rank reports (Ray Train's report is collective)
             ray.train.report({"epoch": event["epoch"], "valid": event["valid"], "best": event["best"]})
 
-    distill(config["dataset_uri"], config["teacher_uris"], cfg.distill, config["out"], tuple(cfg.ks), report,
-            config.get("hooks", ()))
+    with lineage.worker_scope(config["out"], config.get("lease"), config.get("dataset")):
+        distill(config["dataset_uri"], config["teacher_uris"], cfg.distill, config["out"], tuple(cfg.ks), report,
+                config.get("hooks", ()))

@@ -7,8 +7,9 @@ checkpoint. Actors push progress events to a small event-box actor that the driv
 
 At the end the summaries (test Recall/NDCG, best epoch, train seconds) are printed as a table and
 written to ``<run>/teachers/summary`` (``summary.json`` + manifest). A teacher whose complete
-trajectory was written with the same teacher and trajectory settings is not trained again (a rerun
-after a partial failure trains only what is missing).
+trajectory was written with the same teacher and trajectory settings, on the same dataset (its identity,
+:mod:`hetcomp_dist.lineage`), is not trained again (a rerun after a partial failure trains only what is
+missing).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from hetcomp_dist import storage
+from hetcomp_dist import lineage, storage
 from hetcomp_dist.config import ConfigError, to_dict
 from hetcomp_dist.progress import TeacherProgress
 from hetcomp_dist.ray_cluster import init_ray
@@ -103,10 +104,11 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
     report = report or TeacherProgress(cfg.teachers, cfg.layout.tensorboard)
     dataset_uri = ensure_dataset(cfg)
+    identity = lineage.dataset_identity(dataset_uri)
 
     results: dict[str, dict[str, Any]] = {}
     for t in cfg.teachers:
-        if (summary := _finished_summary(cfg, t)) is not None:
+        if (summary := _finished_summary(cfg, t, identity)) is not None:
             report({"teacher": t.name, "event": "skipped"})
             results[t.name] = summary
     todo = [t for t in cfg.teachers if t.name not in results]
@@ -124,14 +126,18 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     return summaries
 
 
-def _finished_summary(cfg: RunConfig, teacher: TeacherConfig) -> dict[str, Any] | None:
-    """The summary in a complete trajectory written with the same teacher and trajectory settings, else None."""
+def _finished_summary(cfg: RunConfig, teacher: TeacherConfig,
+                      identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The summary in a complete trajectory written with the same teacher and trajectory settings on the
+    same dataset (lineage: its identity, default the run's dataset's), else None."""
     uri = cfg.layout.trajectory(teacher.name)
     if not storage.is_complete(uri):
         return None
     m = storage.read_manifest(uri)
     summary = m.get("summary") or {}
-    same = (same_settings(m.get("config"), teacher)
+    identity = identity if identity is not None else lineage.dataset_identity(cfg.dataset_uri)
+    same = (lineage.same(m.get(lineage.KEY), identity)
+            and same_settings(m.get("config"), teacher)
             and (m.get("k"), m.get("observed_k")) == (cfg.trajectory.k, cfg.trajectory.observed_k)
             and m.get("selection", {}).get("fractions") == [float(f) for f in cfg.trajectory.fractions]
             and all(f"recall@{k}" in summary.get("test", {}) for k in cfg.ks))

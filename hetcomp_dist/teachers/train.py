@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from hetcomp_dist import config, models, storage
+from hetcomp_dist import config, lineage, models, storage
 from hetcomp_dist.data.dataset import Dataset, Interactions, load_dataset
 from hetcomp_dist.evaluate import evaluate_split, topk_items
 from hetcomp_dist.loop import Checkpointer, Stopping
@@ -40,7 +40,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     stopping = Stopping(cfg.patience, cfg.min_delta, cfg.max_train_seconds)
-    checkpoints = checkpointer(out, cfg)
+    checkpoints = checkpointer(out, cfg, lineage.identity_of(data.meta))
     epoch, best_model, writer = _resume(checkpoints, model, optimizer, stopping, out, cfg, data, trajectory, report)
     evaluate = _Evaluator(data, ks, eval_batch_size, trajectory.k)
 
@@ -74,10 +74,14 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     return summary
 
 
-def checkpointer(out: str, cfg: TeacherConfig) -> Checkpointer:
-    """The teacher's checkpoints: resumed under the same settings (resources and stopping rules aside)."""
-    return Checkpointer(storage.join(out, "checkpoints"), "teacher-checkpoint", {"teacher": _run_settings(cfg)},
-                        lambda stored: same_settings(stored.get("teacher"), cfg, resuming=True))
+def checkpointer(out: str, cfg: TeacherConfig, dataset: dict[str, Any] | None = None) -> Checkpointer:
+    """The teacher's checkpoints: resumed under the same settings (resources and stopping rules aside) and,
+    given the dataset's identity (lineage), on the same dataset (checkpoints that record none still resume)."""
+    return Checkpointer(storage.join(out, "checkpoints"), "teacher-checkpoint",
+                        {"teacher": _run_settings(cfg), **({lineage.KEY: dataset} if dataset else {})},
+                        lambda stored: same_settings(stored.get("teacher"), cfg, resuming=True) and (
+                            dataset is None or stored.get(lineage.KEY) is None
+                            or lineage.same(stored.get(lineage.KEY), dataset)))
 
 
 def _resume(checkpoints: Checkpointer, model, optimizer, stopping: Stopping, out: str, cfg: TeacherConfig,
@@ -153,7 +157,8 @@ class _Evaluator:
                        "epochs_trained": epoch, "train_seconds": stopping.train_seconds,
                        "seconds": stopping.seconds(), "valid": valid, "test": test}
             writer.finish(_observed_batches(scorer, self.data.train, trajectory.observed_k, self.batch_size),
-                          trajectory.fractions, cfg.select_metric, extra={"summary": summary})
+                          trajectory.fractions, cfg.select_metric,
+                          extra={"summary": summary, lineage.KEY: lineage.identity_of(self.data.meta)})
         return summary
 
 
