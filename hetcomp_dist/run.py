@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hetcomp_dist import storage
 from hetcomp_dist import config
@@ -52,11 +53,25 @@ class StorageConfig:
 @dataclass
 class RayConfig:
     address: str | None = None       # None: join a running cluster if RAY_ADDRESS is set, else start locally
-    max_restarts: int = 3            # actor restarts after a crash (each resumes from its checkpoint)
+    max_restarts: int = 3            # teacher actors' restarts after a crash (each resumes from its checkpoint)
     num_cpus: int | None = None      # CPUs of a locally started Ray instance
+    # The distillation on Ray Train (hetcomp distill --ray, jobs/distill.py):
+    max_failures: int = 3            # worker-group restarts after a worker fails (each resumes from <out>/checkpoints)
+    train_storage_path: str | None = None   # Ray Train's own run folder: s3://... or an absolute path every node
+                                            # shares (None: Ray's default, ~/ray_results of the driver's node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # the workers' placement
+                                            # group: PACK fills a node first, SPREAD puts them on different nodes
 
     def validate(self, where: Where) -> None:
-        check_ranges(self, where, ("max_restarts >= -1", "num_cpus >= 1"))   # -1: restart without limit (Ray's)
+        # -1: without limit (Ray's)
+        check_ranges(self, where, ("max_restarts >= -1", "num_cpus >= 1", "max_failures >= -1"))
+        if self.train_storage_path is not None:
+            at = where.at("train_storage_path")
+            check_uri(at, self.train_storage_path)
+            path = self.train_storage_path.removeprefix("file://")
+            if "://" not in path and not os.path.isabs(path):
+                raise at.error(f"{self.train_storage_path!r} is a relative path; Ray Train needs an s3:// URI or an "
+                               "absolute path on storage every node shares")
 
 
 @dataclass

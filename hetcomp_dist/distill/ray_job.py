@@ -10,9 +10,12 @@ their owner, the item table replicated with its gradient all-reduced, evaluation
 rank 0 writes). The driver reads the result from ``<out>/metrics.json``.
 
 Fault tolerance: the loop writes ``<out>/checkpoints/epoch-N`` (with a manifest) at every evaluation. If a
-worker dies, Ray Train restarts the whole worker group (``FailureConfig(max_failures=ray.max_restarts)``)
+worker dies, Ray Train restarts the whole worker group (``FailureConfig(max_failures=ray.max_failures)``)
 and the new workers resume from that checkpoint: our storage checkpoints, not Ray Train's, so a
 rerun by hand, a different worker count and the one-process path resume the same way.
+
+Placement: ``ray.placement_strategy`` (the workers' placement group: PACK, SPREAD, STRICT_*). Ray Train's
+own run folder: ``ray.train_storage_path`` (s3:// or a path every node shares; see :func:`train_storage`).
 
 Fault injection for tests: ``hooks`` (picklable callables) are called on every worker after each
 evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` does.
@@ -20,6 +23,7 @@ evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` doe
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from hetcomp_dist import lineage, storage
@@ -34,18 +38,19 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
 
     Args:
         cfg: the run config (``distill.workers``, ``cpus_per_worker``, ``gpus_per_worker``;
-            ``ray.address`` / $RAY_ADDRESS to join a cluster, else a local instance; ``ray.max_restarts``
-            worker-group restarts after a failure).
+            ``ray.address`` / $RAY_ADDRESS to join a cluster, else a local instance; ``ray.max_failures``
+            worker-group restarts after a failure; ``ray.placement_strategy``; ``ray.train_storage_path``).
         report: called on the driver with the final metrics' summary line data (progress is printed
             by rank 0 inside the workers and reaches the driver's log through Ray).
-        storage_path: Ray Train's own run directory (default ~/ray_results); our checkpoints and
-            outputs live under the run URI regardless.
+        storage_path: Ray Train's own run folder, instead of ``ray.train_storage_path`` (default: Ray's,
+            ~/ray_results); our checkpoints and outputs live under the run URI regardless.
     """
     uris = cfg.layout.trajectories(cfg.teacher_names())
     out = cfg.student_uri()
     dataset_uri = ensure_dataset(cfg)
+    train_path, train_fs = train_storage(storage_path or cfg.ray.train_storage_path, cfg.storage.endpoint_url)
     with lineage.student_output(out, dataset_uri, uris) as (held, identity):   # the driver holds <out>'s lease
-        _fit(cfg, dataset_uri, uris, out, hooks, log_format, storage_path, held, identity)
+        _fit(cfg, dataset_uri, uris, out, hooks, log_format, train_path, train_fs, held, identity)
     metrics = storage.read_json(out, "metrics.json")
     if report:
         report(metrics)
@@ -53,7 +58,7 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
 
 
 def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Sequence[Callable], log_format: str,
-         storage_path: str | None, held: Any, identity: dict) -> None:
+         train_path: str | None, train_fs: Any, held: Any, identity: dict) -> None:
     """Ray Train's run of :func:`_worker` (the workers check the driver's lease before each manifest)."""
     import ray
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
@@ -70,14 +75,35 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
             # The loop computes on the CPU (gloo) even where GPUs are reserved: it is not moved to CUDA yet.
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=storage_path,
-                                      failure_config=FailureConfig(max_failures=cfg.ray.max_restarts)),
+                                         resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
+            run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=train_path, storage_filesystem=train_fs,
+                                      failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
         )
         trainer.fit()
     finally:
         if started:
             ray.shutdown()
+
+
+def train_storage(path: str | None, endpoint_url: str | None = None) -> tuple[str | None, Any]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for ``ray.train_storage_path``.
+
+    Ray Train (2.60) opens the folder with ``pyarrow.fs.FileSystem.from_uri(storage_path)`` in its controller
+    actor, wherever Ray placed it, where pyarrow takes the S3 endpoint from that process's
+    AWS_ENDPOINT_URL(_S3) and knows nothing of ``storage.endpoint_url``. For an s3:// path with an endpoint
+    (the run's ``storage.endpoint_url``, else the driver's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) the
+    filesystem is made here instead: it travels to the controller and the workers with its endpoint and
+    without credentials (each process takes its own node's, as for the run's outputs). Otherwise (AWS
+    itself, a shared path, None for Ray's default) Ray resolves the path as usual.
+    """
+    if not path or not path.startswith("s3://"):
+        return path, None
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    from pyarrow import fs
+
+    return path[len("s3://"):].rstrip("/"), fs.S3FileSystem(endpoint_override=endpoint)
 
 
 def _worker(config: dict[str, Any]) -> None:
