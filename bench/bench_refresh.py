@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from hetcomp_dist.refresh import config, job
+from hetcomp_dist.refresh import job, loading
 
 
 def timeline(source: Path, out: Path, steps: int, start: float) -> list[str]:
@@ -37,7 +37,7 @@ def timeline(source: Path, out: Path, steps: int, start: float) -> list[str]:
 
 
 def replay(cfg_path: str, run: str, days: list[str], warm: bool, overrides: list[str]) -> list[dict]:
-    cfg, rcfg = config.load(cfg_path, [f"run={run}", f"refresh.warm_start={str(warm).lower()}",
+    cfg, rcfg = loading.load(cfg_path, [f"run={run}", f"refresh.warm_start={str(warm).lower()}",
                                        "refresh.gate.tolerance=1.0", *overrides])
     rows = []
     for day in days:

@@ -25,6 +25,7 @@ from hetcomp_dist.config import ConfigError, Where, check_metric, check_name, ch
 from hetcomp_dist.data import formats
 from hetcomp_dist.data import prepare as prep
 from hetcomp_dist.distill.config import DistillConfig
+from hetcomp_dist.refresh.config import RefreshConfig
 from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
 
 
@@ -85,6 +86,7 @@ class RunConfig:
     eval_batch_size: int = 1024
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)   # the nightly refresh (hetcomp refresh)
 
     @property
     def layout(self) -> RunLayout:
@@ -112,6 +114,8 @@ class RunConfig:
         for i, t in enumerate(self.teachers):
             check_metric(where.at("teachers").at(i).at("select_metric"), t.select_metric, self.ks)
         check_metric(where.at("distill").at("select_metric"), self.distill.select_metric, self.ks)
+        for i, metric in enumerate(self.refresh.gate.metrics):
+            check_metric(where.at("refresh").at("gate").at("metrics").at(i), metric, self.ks)
 
 
 class RunLayout:

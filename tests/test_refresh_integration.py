@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hetcomp_dist import storage
-from hetcomp_dist.refresh import config, grow, job, promote
+from hetcomp_dist.refresh import grow, job, loading, promote
 from hetcomp_dist.refresh.layout import Layout
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def timeline(datasets_dir: Path, out: Path, days: int = 7, start: float = 0.7) -
 
 
 def load(run: str, extra=()):
-    return config.load(REPO / "configs" / "refresh_tiny.yaml", [f"run={run}", *FAST, *extra])
+    return loading.load(REPO / "configs" / "refresh_tiny.yaml", [f"run={run}", *FAST, *extra])
 
 
 def current_bytes(layout: Layout) -> bytes:

@@ -50,9 +50,9 @@ def _fail(args: argparse.Namespace, message: str, code: int = 2) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> None:
-    from hetcomp_dist.refresh import config, job, leases
+    from hetcomp_dist.refresh import job, leases, loading
 
-    cfg, rcfg = config.load(args.config, args.overrides)
+    cfg, rcfg = loading.load(args.config, args.overrides)
     try:
         report = job.refresh(cfg, rcfg, args.new_data, owner=args.owner)
     except leases.LeaseHeld as e:
@@ -63,9 +63,9 @@ def _cmd_refresh(args: argparse.Namespace) -> None:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> None:
-    from hetcomp_dist.refresh import config, job, leases
+    from hetcomp_dist.refresh import job, leases, loading
 
-    cfg, rcfg = config.load(args.config, args.overrides)
+    cfg, rcfg = loading.load(args.config, args.overrides)
     try:
         pointer = job.rollback(cfg, rcfg, args.to)
     except leases.LeaseHeld as e:
@@ -77,10 +77,10 @@ def _cmd_rollback(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from hetcomp_dist import storage
-    from hetcomp_dist.refresh import config, job
+    from hetcomp_dist.refresh import job, loading
     from hetcomp_dist.refresh.layout import Layout, version_number
 
-    cfg, rcfg = config.load(args.config, args.overrides)
+    cfg, rcfg = loading.load(args.config, args.overrides)
     layout = Layout(cfg.run)
     if args.version:
         try:
@@ -105,8 +105,8 @@ def _cmd_recommend(args: argparse.Namespace) -> None:
     if args.run:
         run = args.run
     elif args.config:
-        from hetcomp_dist.refresh import config
-        run = config.load(args.config, args.overrides)[0].run
+        from hetcomp_dist.refresh import loading
+        run = loading.load(args.config, args.overrides)[0].run
     else:
         _fail(args, "give --config or --run")
     current = promote.read_current(Layout(run))

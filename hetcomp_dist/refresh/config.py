@@ -1,18 +1,12 @@
-"""The refresh's settings: the ``refresh`` section of a run YAML, read beside the RunConfig.
-
-RunConfig is strict (an unknown top-level key is an error) and is not this package's, so
-:func:`load` takes the ``refresh`` section out before the rest is read as a RunConfig; a config
-without one gets the defaults (configs/production.yaml has none).
-"""
+"""The refresh's settings: the ``refresh`` section of a run config (RunConfig.refresh; a config
+without one gets the defaults)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
-from hetcomp_dist import config
-from hetcomp_dist.config import ConfigError, Where, check_metric, check_ranges
+from hetcomp_dist.config import Where, check_metric, check_ranges
 from hetcomp_dist.data import formats
 
 
@@ -74,23 +68,3 @@ class RefreshConfig:
 
     def validate(self, where: Where) -> None:
         check_ranges(self, where, self.RANGES)
-
-
-def load(path: str | Path | None, overrides: list[str] = ()):
-    """(RunConfig, RefreshConfig) of a run YAML plus ``--set`` overrides (``refresh.*`` ones included);
-    the entry point's checks (outputs that outlive a Ray job) and storage settings applied."""
-    from hetcomp_dist import run as run_module
-
-    where = Where(str(path) if path is not None else "config")
-    data = config._read_yaml(path) if path is not None else {}
-    data = config.apply_overrides(data, list(overrides))
-    section = data.pop("refresh", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where.at('refresh')}: must be a mapping, got {type(section).__name__}")
-    cfg = config.from_dict(run_module.RunConfig, data, where)
-    refresh = config.from_dict(RefreshConfig, section, where.at("refresh"))
-    for i, metric in enumerate(refresh.gate.metrics):
-        check_metric(where.at("refresh").at("gate").at("metrics").at(i), metric, cfg.ks)
-    run_module.check_outputs_outlive_the_job(cfg)
-    run_module.configure_storage(cfg)
-    return cfg, refresh
