@@ -19,21 +19,12 @@ import json
 import time
 from pathlib import Path
 
+from hetcomp_dist.benchutil import time_slices
 from hetcomp_dist.refresh import job, loading
 
 
 def timeline(source: Path, out: Path, steps: int, start: float) -> list[str]:
-    lines = source.read_text().splitlines()[1:]
-    rows = sorted((int(float(t)), u, i) for u, i, _, t in (line.split("\t") for line in lines))
-    n, first = len(rows), int(start * len(rows))
-    cuts = [0, first] + [first + (n - first) * k // steps for k in range(1, steps + 1)]
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        path = out / f"day{j}.csv"
-        path.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for t, u, i in rows[a:b]))
-        files.append(str(path))
-    return files
+    return time_slices(source, out, steps, start)
 
 
 def replay(cfg_path: str, run: str, days: list[str], warm: bool, overrides: list[str]) -> list[dict]:

@@ -194,3 +194,19 @@ def load_lightgcn_dir(directory: str | Path):
 
 if __name__ == "__main__":
     _child_main(sys.argv[1:])
+
+
+def time_slices(source: Path, out: Path, steps: int, start: float) -> list[str]:
+    """A MovieLens-style .inter file (user, item, rating, timestamp; tab-separated) cut by time: the
+    first ``start`` of the rows, then ``steps`` equal slices of the rest, each a CSV with timestamps."""
+    lines = Path(source).read_text().splitlines()[1:]
+    rows = sorted((int(float(t)), u, i) for u, i, _, t in (line.split("\t") for line in lines))
+    n, first = len(rows), int(start * len(rows))
+    cuts = [0, first] + [first + (n - first) * k // steps for k in range(1, steps + 1)]
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        path = out / f"day{j}.csv"
+        path.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for t, u, i in rows[a:b]))
+        files.append(str(path))
+    return files

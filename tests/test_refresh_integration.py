@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hetcomp_dist import storage
+from hetcomp_dist.benchutil import time_slices
 from hetcomp_dist.refresh import grow, job, loading, promote
 from hetcomp_dist.refresh.layout import Layout
 
@@ -24,17 +25,7 @@ FAST = ["distill.max_epochs=10", "refresh.student_epochs=5", "refresh.teacher_ep
 
 def timeline(datasets_dir: Path, out: Path, days: int = 7, start: float = 0.7) -> list[str]:
     """MovieLens-100K by time: the first ``start`` of the rows, then ``days`` equal slices of the rest (CSV)."""
-    lines = (datasets_dir / "ml-100k" / "ml-100k.inter").read_text().splitlines()[1:]
-    rows = sorted((int(float(t)), u, i) for u, i, _, t in (line.split("\t") for line in lines))
-    n, first = len(rows), int(start * len(rows))
-    cuts = [0, first] + [first + (n - first) * k // days for k in range(1, days + 1)]
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        path = out / f"day{j}.csv"
-        path.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for t, u, i in rows[a:b]))
-        files.append(str(path))
-    return files
+    return time_slices(datasets_dir / "ml-100k" / "ml-100k.inter", out, days, start)
 
 
 def load(run: str, extra=()):
