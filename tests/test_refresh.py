@@ -16,7 +16,8 @@ from hetcomp_dist import storage
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.data.formats import DataError
 from hetcomp_dist.distill.student import ITEM_KEY, USER_KEY
-from hetcomp_dist.refresh import export, gate, grow, job, leases, promote, versions
+from hetcomp_dist import lease as leases
+from hetcomp_dist.refresh import export, gate, grow, job, promote, versions
 from hetcomp_dist.refresh.config import GateConfig, RefreshConfig
 from hetcomp_dist.refresh.layout import Layout
 

@@ -50,7 +50,8 @@ def _fail(args: argparse.Namespace, message: str, code: int = 2) -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> None:
-    from hetcomp_dist.refresh import job, leases, loading
+    from hetcomp_dist import lease as leases
+    from hetcomp_dist.refresh import job, loading
 
     cfg, rcfg = loading.load(args.config, args.overrides)
     try:
@@ -63,7 +64,8 @@ def _cmd_refresh(args: argparse.Namespace) -> None:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> None:
-    from hetcomp_dist.refresh import job, leases, loading
+    from hetcomp_dist import lease as leases
+    from hetcomp_dist.refresh import job, loading
 
     cfg, rcfg = loading.load(args.config, args.overrides)
     try:

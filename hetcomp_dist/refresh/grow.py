@@ -72,7 +72,7 @@ def warm_teacher(cfg: TeacherConfig, data: Dataset, old_state: dict[str, torch.T
     writer = TrajectoryWriter(storage.join(out, "trajectory"), model=cfg.model, n_users=data.n_users, k=trajectory.k,
                               n_items=data.n_items, observed_k=trajectory.observed_k,
                               config=asdict(cfg), overwrite=True)
-    evaluator = teacher_train._Evaluator(data, ks, eval_batch_size, trajectory.k)
+    evaluator = teacher_train.Evaluator(data, ks, eval_batch_size, trajectory.k)
     value = evaluator.snapshot(model, writer, 0, cfg.select_metric, stopping)
     stopping.update(0, value)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

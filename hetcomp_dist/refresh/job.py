@@ -39,7 +39,8 @@ from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import Dataset, load_dataset
 from hetcomp_dist.distill.train import distill
 from hetcomp_dist.refresh import export as export_mod
-from hetcomp_dist.refresh import gate, grow, leases, promote, versions
+from hetcomp_dist import lease as leases
+from hetcomp_dist.refresh import gate, grow, promote, versions
 from hetcomp_dist.refresh.config import RefreshConfig
 from hetcomp_dist.refresh.layout import Layout, version_name, version_number
 from hetcomp_dist.run import RunConfig

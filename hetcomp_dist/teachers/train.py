@@ -42,7 +42,7 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     stopping = Stopping(cfg.patience, cfg.min_delta, cfg.max_train_seconds)
     checkpoints = checkpointer(out, cfg, lineage.identity_of(data.meta))
     epoch, best_model, writer = _resume(checkpoints, model, optimizer, stopping, out, cfg, data, trajectory, report)
-    evaluate = _Evaluator(data, ks, eval_batch_size, trajectory.k)
+    evaluate = Evaluator(data, ks, eval_batch_size, trajectory.k)
 
     for epoch in range(epoch + 1, cfg.max_epochs + 1):
         before = stopping.train_seconds
@@ -128,7 +128,7 @@ def _train_epoch(model, optimizer, train: Interactions, cfg: TeacherConfig, epoc
     return total / max(n, 1)
 
 
-class _Evaluator:
+class Evaluator:
     """Valid evaluation with the trajectory snapshot, and the final test evaluation."""
 
     def __init__(self, data: Dataset, ks: tuple[int, ...], batch_size: int, k: int):
