@@ -1,4 +1,4 @@
-# hetcomp image: the exact stack of requirements/<TARGET>.lock installed with pip --no-deps (as
+# hetcomp image: the exact stack of requirements/cpu.lock (TARGET=cpu) or gpu.lock (TARGET=cuda) installed with pip --no-deps (as
 # scripts/setup.sh does), this package installed from a wheel, run as a non-root user.
 #
 #   docker build --build-arg TARGET=cpu|cuda [--build-arg BASE_IMAGE=...] -t hetcomp .
@@ -30,11 +30,11 @@ COPY requirements/ requirements/
 # names the CUDA fbgemm-gpu, which a resolving install would pull onto the cpu target.
 RUN --mount=type=secret,id=pip_cert \
     --mount=type=cache,target=/root/.cache/pip \
-    case "$TARGET" in cpu|cuda) ;; *) echo "TARGET must be cpu or cuda, not $TARGET" >&2; exit 2 ;; esac; \
+    case "$TARGET" in cpu) lock=cpu ;; cuda) lock=gpu ;; *) echo "TARGET must be cpu or cuda, not $TARGET" >&2; exit 2 ;; esac; \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     if [ "$TARGET" = cpu ] && [ -n "$TORCH_CPU_INDEX" ]; then set -- --extra-index-url "$TORCH_CPU_INDEX"; fi; \
     /opt/venv/bin/pip install pip==25.3 setuptools==84.2.1 \
-    && /opt/venv/bin/pip install --no-deps -r "requirements/${TARGET}.lock" "$@"
+    && /opt/venv/bin/pip install --no-deps -r "requirements/${lock}.lock" "$@"
 COPY pyproject.toml ./
 COPY hetcomp_dist/ hetcomp_dist/
 # A wheel, not an editable install: the image must not depend on /src, which stays in this stage.

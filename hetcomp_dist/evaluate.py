@@ -241,9 +241,8 @@ def dot_scorer(user_emb: torch.Tensor, item_emb: torch.Tensor) -> Scorer:
     """Scorer ``users -> user_emb[users] @ item_emb.T`` that writes into one reused output buffer.
 
     A fresh B x n_items tensor per call costs page faults on every batch (large allocations are
-    mmapped and returned to the OS when freed); on Gowalla with B=1024 the reused buffer made
-    CPU evaluation 1.3-1.9x faster (bench/bench_eval.py --reuse-buffer, a busy shared 2-core
-    host). The buffer is sized by the first call
+    mmapped and returned to the OS when freed); bench/bench_eval.py --reuse-buffer measures what
+    the reused buffer saves. The buffer is sized by the first call
     (grown if a later call is larger; a smaller call, such as the last batch, gets a fresh
     tensor). Each call's result is overwritten by a later call, which suits :func:`evaluate`
     and :func:`topk_items` (they finish with a batch before asking for the next); callers

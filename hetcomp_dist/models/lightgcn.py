@@ -18,8 +18,8 @@ class Adjacency:
     """A symmetric sparse matrix in CSR arrays, multiplied through ``F.embedding_bag``.
 
     Row r of ``A @ x`` is the weighted sum of the rows ``x[col]`` of its non-zeros, which is what
-    a sum-mode embedding bag with per-sample weights computes; on CPU that kernel is 2.5-3.5x
-    faster than ``torch.sparse.mm`` on the same CSR matrix (Gowalla, 2 threads). A is symmetric,
+    a sum-mode embedding bag with per-sample weights computes; on CPU that kernel is faster than
+    ``torch.sparse.mm`` on the same CSR matrix (bench/bench_teachers.py). A is symmetric,
     so the backward of ``A @ x`` is ``A @ grad`` (no transpose, no scatter).
 
     Args:
