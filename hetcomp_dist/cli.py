@@ -96,7 +96,12 @@ def _reference_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_reference(args: argparse.Namespace) -> None:
     from hetcomp_dist.reference import evaluate_references
 
-    ks = [int(k) for k in args.ks.split(",")]
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ks {args.ks!r}: expected comma-separated integers, e.g. 10,20,50") from None
+    if any(k < 1 for k in ks):
+        raise ConfigError(f"--ks {args.ks!r}: every cutoff must be >= 1")
     results = evaluate_references(args.dataset, args.models.split(","), ks, out=args.out)
     print(format_table(results, ks))
 
