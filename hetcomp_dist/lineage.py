@@ -67,13 +67,17 @@ def describe(identity: Any) -> str:
 def check_trajectories(dataset_uri: str, trajectory_uris: Iterable[str],
                        identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse (one-line StorageError naming both datasets) a complete trajectory written for another
-    dataset than ``dataset_uri``'s; returns that dataset's identity. Incomplete trajectories are left to
-    their reader's own error; ones written before lineage was recorded are accepted."""
+    dataset than ``dataset_uri``'s, or one whose parts do not match their sha256 (the distillation reads
+    them by row group, where only page checksums are checked); returns that dataset's identity.
+    Incomplete trajectories are left to their reader's own error; ones written before lineage was
+    recorded are accepted."""
     identity = identity if identity is not None else dataset_identity(dataset_uri)
     for uri in trajectory_uris:
         if not storage.is_complete(uri):
             continue
-        stored = storage.read_manifest(uri).get(KEY)
+        manifest = storage.read_manifest(uri)
+        stored = manifest.get(KEY)
+        storage.verify(uri, manifest)
         if stored is not None and not same(stored, identity):
             raise StorageError(f"{uri}: this trajectory was written for dataset {describe(stored)}, but "
                                f"{dataset_uri} is dataset {describe(identity)}: train the teacher again on "

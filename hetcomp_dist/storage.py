@@ -147,7 +147,7 @@ def is_complete(uri: str) -> bool:
 
 
 _SCOPES: list[tuple[tuple[bool, str], Callable[[], None] | None, dict[str, Any]]] = []
-_TMP = re.compile(r"\.[0-9a-f]{12}\.tmp$")
+_TMP = re.compile(r"\.[0-9a-f]{12}\.tmp$|\.tmp-[0-9a-f]{32}$")   # Output's parts; write_atomic's temporaries
 
 
 def _key(uri: str) -> tuple[bool, str]:
@@ -183,8 +183,9 @@ def check_commit(uri: str) -> None:
 
 
 def sweep_temporaries(uri: str) -> int:
-    """Remove the writer-private temporaries (``*.<12 hex>.tmp``) under ``uri``, left by killed writers;
-    only for a writer that holds the prefix's lease (another live writer's would go too). Returns the count."""
+    """Remove the writer-private temporaries (``*.<12 hex>.tmp``, ``*.tmp-<32 hex>``) under ``uri``, left by
+    killed writers; only for a writer that holds the prefix's lease (another live writer's would go too).
+    Returns the count."""
     fs, path = filesystem(uri)
     try:
         names = fs.find(path)
@@ -362,8 +363,8 @@ def commit_manifest(uri: str, kind: str, parts: dict[str, dict[str, Any]],
         **scoped,
         **(extra or {}),
     }
-    fs, path = filesystem(join(uri, MANIFEST))
-    _rename_into_place(fs, path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    # Locally a temporary renamed into place; on S3 one PUT (no temporary a kill could leave behind).
+    write_atomic(join(uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 
@@ -488,4 +489,28 @@ def parquet_file(uri: str, name: str, manifest: dict[str, Any] | None = None, *,
         raise StorageError(f"{where}: {size} bytes, manifest says {entry['bytes']}")
     options = {} if _is_local(fs) else {"cache_type": "none"}
     with fs.open(path, "rb", **options) as raw:
-        yield pq.ParquetFile(wrap(raw) if wrap else raw, page_checksum_verification=True)
+        try:
+            pf = pq.ParquetFile(wrap(raw) if wrap else raw, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:       # a damaged footer
+            raise StorageError(f"{where}: unreadable Parquet ({e})") from None
+        yield pf
+
+
+def verify(uri: str, manifest: dict[str, Any] | None = None, block: int = 8 << 20) -> dict[str, Any]:
+    """Check every part of the output at ``uri`` against its manifest (size and sha256), streaming in
+    blocks (memory stays one block whatever the part's size); returns the manifest, StorageError if not."""
+    manifest = manifest or read_manifest(uri)
+    for name, entry in manifest["parts"].items():
+        where = child(uri, name)
+        fs, path = filesystem(where)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with fs.open(path, "rb") as f:
+                while data := f.read(block):
+                    digest.update(data)
+                    size += len(data)
+        except FileNotFoundError:
+            raise StorageError(f"{where}: listed in the manifest but missing") from None
+        if size != entry.get("bytes") or digest.hexdigest() != entry.get("sha256"):
+            raise StorageError(f"{where}: content does not match the manifest (corrupt or overwritten)")
+    return manifest

@@ -34,7 +34,7 @@ def _csv(path: Path, shift: int = 0) -> Path:
 
 def _config(tmp_path: Path, source: Path, run: str | None = None, **data: object) -> Path:
     cfg = {
-        "run": run or str(tmp_path / "run"), "data": {"source": str(source), **data}, "ks": [5, 10],
+        "run": run or str(tmp_path / "run"), "data": {"source": str(source), **data}, "ks": [10, 20],
         "trajectory": {"k": 10, "observed_k": 10},
         "teachers": [{"name": "mf", "model": "bpr_mf", "params": {"dim": 4}, "lr": 0.05, "batch_size": 256,
                       "max_epochs": 2, "eval_every": 1, "patience": 5, "threads": 1, "select_metric": "recall@10"}],
@@ -182,3 +182,17 @@ def test_a_distillation_that_lost_its_lease_commits_nothing(tmp_path: Path) -> N
         distill_run(cfg, steal)
     assert not storage.is_complete(cfg.student_uri())
     assert Path(uri).exists()                 # the thief's lease is left to the thief
+
+
+def test_distillation_refuses_a_damaged_trajectory(tmp_path: Path) -> None:
+    """Trajectories are read by row group (page checksums only): their sha256 is checked before the distillation."""
+    cfg = _trained(tmp_path, _csv(tmp_path / "a.csv"))
+    uri = cfg.layout.trajectory("mf")
+    part = storage.read_manifest(uri)["trajectory"][0]["part"]
+    path = Path(uri, part)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=f"{part}: content does not match the manifest"):
+        distill_run(cfg)
+    assert not storage.exists(cfg.student_uri())
