@@ -125,7 +125,9 @@ class KDObjective:
         out = torch.empty(self.stop - self.start, self.cfg.observed_size, dtype=torch.int32)
         for part, lo, hi in self._blocks(torch.arange(self.stop - self.start)):
             observed = self.reader.observed(lo, hi)
-            out[part] = ensemble_topk(observed, self.data.n_items, self.cfg.observed_size, importance).int()
+            for b in range(0, len(part), 1024):              # a dense 1024 x n_items buffer at a time
+                out[part[b:b + 1024]] = ensemble_topk(observed[b:b + 1024], self.data.n_items,
+                                                      self.cfg.observed_size, importance).int()
         return out
 
     def _teacher_weights(self) -> tuple[torch.Tensor | None, dict | None]:
