@@ -410,9 +410,14 @@ def open_output(uri: str, kind: str, config: dict[str, Any] | None = None) -> It
             old = {}
         with _writing(uri):
             fs.rm(path)
+        stale = []
         for name in old:
-            with contextlib.suppress(FileNotFoundError, OSError, StorageError):
-                fs.rm(filesystem(child(uri, name))[1])
+            with contextlib.suppress(StorageError):          # a tampered name: never outside the output
+                stale.append(filesystem(child(uri, name))[1])
+        batches = [[p] for p in stale] if _is_local(fs) else [stale] if stale else []   # S3: one request
+        for batch in batches:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.rm(batch)
     out = Output(uri=str(uri), kind=kind, config=dict(config or {}))
     try:
         yield out

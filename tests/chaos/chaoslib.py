@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from hetcomp_dist import lease, storage
+from hetcomp_dist import storage
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("HETCOMP_CHAOS_SEED", "20261202"))
@@ -113,6 +114,24 @@ def rng(name: str) -> random.Random:
 
 
 # ----------------------------------------------------------------------------- checks
+# (self-contained: the suite also runs against versions without hetcomp_dist.lease or storage.verify)
+
+def lease_uri(prefix: str) -> str:
+    """Where hetcomp_dist.lease keeps a prefix's lease: beside it."""
+    return prefix.rstrip("/") + ".lease"
+
+
+def verify(uri: str) -> dict[str, Any]:
+    """The manifest of the output at ``uri``, after checking every part it lists (size and sha256)."""
+    manifest = storage.read_manifest(uri)
+    for name, entry in manifest["parts"].items():
+        fs, path = storage.filesystem(storage.child(uri, name))
+        assert fs.exists(path), f"{uri}: {name} is listed in the manifest but missing"
+        data = fs.cat_file(path)
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"], \
+            f"{uri}: {name} does not match the manifest"
+    return manifest
+
 
 def one_line_error(proc: subprocess.CompletedProcess | tuple[int, str, str], command: str, *needles: str) -> str:
     """Exit 2 and exactly one stderr line ``hetcomp <command>: error: ...`` containing ``needles``."""
@@ -139,12 +158,12 @@ _LEFTOVER = re.compile(r"\.[0-9a-f]{12}\.tmp$|\.tmp-[0-9a-f]{32}$")
 def assert_committed(uri: str) -> dict[str, Any]:
     """A complete output: every part the manifest lists exists with its sha256; nothing else but the manifest
     (no writer's temporaries); no lease left beside it. Returns the manifest."""
-    manifest = storage.verify(uri)
+    manifest = verify(uri)
     listed = {*manifest["parts"], storage.MANIFEST}
     names = [n for n in names_under(uri) if not n.startswith("checkpoints/")]
     stray = [n for n in names if n not in listed]
     assert not stray, f"{uri}: not in the manifest: {stray}"
-    assert not storage.exists(lease.lease_uri(uri)), f"{uri}: its lease was left behind"
+    assert not storage.exists(lease_uri(uri)), f"{uri}: its lease was left behind"
     return manifest
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from chaoslib import REPO, Tally, assert_committed, cli, names_under, one_line_error, tiny_config
-from hetcomp_dist import lease, storage
+from chaoslib import REPO, Tally, assert_committed, cli, lease_uri, names_under, one_line_error, tiny_config, verify
+from hetcomp_dist import storage
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_bad_inputs_and_settings(storage_root: str, tmp_path: Path, datasets_env
             source.write_bytes(data)
             out = storage.join(storage_root, f"out-{name}")
             one_line_error(cli("prepare", str(source), "--out", out, "--quiet", *extra), "prepare", message)
-            assert names_under(out) == [] and not storage.exists(lease.lease_uri(out)), names_under(out)
+            assert names_under(out) == [] and not storage.exists(lease_uri(out)), names_under(out)
     settings = BAD_SETTINGS[:2] if backend == "local" else BAD_SETTINGS[2:3]   # each starts a CLI importing torch
     for override, message in settings:
         with tally.trial(override):
@@ -79,10 +79,11 @@ def test_traversal_names(tmp_path: Path, datasets_env: Path) -> None:
     with tally.trial("manifest part ../victim, then a rewrite"):
         assert storage.exists(str(victim))
         with pytest.raises(storage.StorageError, match="is not a relative path inside it"):
-            storage.verify(out)
+            verify(out)
         rewrite = cli("prepare", str(source), "--out", out, "--quiet", "--seed", "1")
         assert rewrite.returncode == 0, rewrite.stderr
         assert victim.read_text() == "precious"
-        assert assert_committed(out)["meta"]["seed"] == 1
+        assert_committed(out)
+        assert storage.read_json(out, "meta.json")["seed"] == 1
     tally.check()
     assert REPO.is_dir()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from chaoslib import (Tally, assert_committed, cli, copy_tree, flip_byte, kill9, leftovers, one_line_error, rng,
-                      start, tiny_config, wait_for)
-from hetcomp_dist import lease, lineage, storage
+from chaoslib import (Tally, assert_committed, cli, copy_tree, flip_byte, kill9, lease_uri, leftovers, one_line_error,
+                      rng, start, tiny_config, verify, wait_for)
+from hetcomp_dist import storage
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 pytestmark = pytest.mark.integration
@@ -69,8 +69,9 @@ def test_teacher_killed_while_checkpointing(tmp_path: Path, tiny_run: Path) -> N
                 assert resumed and resumed[0]["epoch"] in complete, (kinds, complete)
                 tally.note("resumed")
             uri = str(run / "teachers" / "bpr_mf" / "trajectory")
-            manifest = storage.verify(uri)
-            assert manifest["dataset"] == lineage.dataset_identity(str(run / "dataset"))
+            manifest = verify(uri)
+            dataset = storage.read_manifest(str(run / "dataset")).get("dataset")   # lineage: the dataset's identity
+            assert dataset is not None and manifest.get("dataset") == dataset
             epochs = [h["epoch"] for h in manifest["history"]]
             assert epochs == sorted(set(epochs)) == list(range(1, epochs[-1] + 1)), epochs   # no duplicate snapshots
             reader = TrajectoryReader([uri])
@@ -120,12 +121,14 @@ def test_distillation_killed_then_resumed(backend: str, tmp_path: Path, tiny_run
             assert summary and summary[0]["test"] == metrics["test"]
             assert metrics["resumed_from"] == ([expected] if expected else []), (metrics["resumed_from"], complete)
             tally.note("resumed" if expected else "started afresh (no intact checkpoint)")
-            assert manifest["dataset"] == lineage.dataset_identity(storage.join(run, "dataset"))
-            assert not storage.exists(checkpoints) and not storage.exists(lease.lease_uri(out))
+            dataset = storage.read_manifest(storage.join(run, "dataset")).get("dataset")
+            assert dataset is not None and manifest.get("dataset") == dataset
+            assert not storage.exists(checkpoints) and not storage.exists(lease_uri(out))
     tally.check()
 
 
-DATASET_TARGETS = ["train.parquet", "valid.parquet", "test.parquet", "meta.json", "MANIFEST.json"]   # what a loader reads
+# What a dataset loader reads (the id maps are not read by it).
+DATASET_TARGETS = ["train.parquet", "valid.parquet", "test.parquet", "meta.json", "MANIFEST.json"]
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
