@@ -28,11 +28,6 @@ def sum_over_ranks(x: Any) -> Any:
     return t if isinstance(x, torch.Tensor) else t.item()
 
 
-def any_over_ranks(mask: torch.Tensor) -> bool:
-    """Whether ``mask`` has a True element on any rank."""
-    return bool(sum_over_ranks(float(mask.any())) > 0)
-
-
 def all_reduce_grad(weight: torch.Tensor) -> None:
     if is_distributed():
         dist.all_reduce(weight.grad)

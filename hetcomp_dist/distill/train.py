@@ -161,7 +161,7 @@ class _Run:
         """Valid metrics, the DKC check, early stopping and the checkpoint; returns the event's additions."""
         self.student.eval()
         with torch.no_grad(), self.stopping.timing("eval"):
-            valid = _evaluate(self.student.scores, self.data, "valid", self.ks, self.eval_users)
+            valid = distributed.evaluate(self.student.scores, self.data, "valid", self.ks, self.eval_users)
             self.objective.after_evaluation(epoch)
         stages = self.objective.info()
         if stages is not None:
@@ -202,8 +202,8 @@ class _Run:
             pop = dissensus.popularity_percentile(self.data.train.item_counts())
             scorer = baselines.penalised_scorer(self.student.scores, pop, self.cfg.pop_penalty)
         with torch.no_grad():
-            test = _evaluate(scorer, self.data, "test", self.ks, self.eval_users)
-            valid = _evaluate(scorer, self.data, "valid", self.ks, self.eval_users)
+            test = distributed.evaluate(scorer, self.data, "test", self.ks, self.eval_users)
+            valid = distributed.evaluate(scorer, self.data, "valid", self.ks, self.eval_users)
             stages = self._trajectory_stages()
         metrics = self._metrics(test, valid, stages)
         full = gather_rows(self.student.state_dict())
@@ -217,7 +217,7 @@ class _Run:
         if reader is None:
             return None
         ks = tuple(sorted(set(self.ks) | {50}))
-        ensembles = [_evaluate(StoredListScorer(reader, self.data.n_items, self.cfg.temperature, stage=s),
+        ensembles = [distributed.evaluate(StoredListScorer(reader, self.data.n_items, self.cfg.temperature, stage=s),
                                self.data, "test", ks, self.eval_users) for s in range(reader.n_snapshots)]
         return {"epochs": dict(zip(self.teacher_uris, reader.stage_epochs())), "ensemble_test": ensembles}
 
@@ -241,10 +241,6 @@ def _legacy_checkpoint(root: str, cfg: DistillConfig) -> dict[str, Any] | None:
     if not config.compatible(DistillConfig, stored, cfg, RESUMABLE_IGNORES):
         return None
     return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt")), weights_only=True)
-
-
-def _evaluate(scorer, data: Dataset, split: str, ks: tuple[int, ...], users: np.ndarray) -> dict[str, float]:
-    return distributed.evaluate(scorer, data, split, ks, users)
 
 
 def _write_outputs(out: str, cfg: DistillConfig, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
