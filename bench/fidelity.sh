@@ -11,8 +11,9 @@ export HETCOMP_DATASETS_DIR="${HETCOMP_DATASETS_DIR:-$(cd .. && pwd)/shared/data
 run=runs/$dataset
 mkdir -p "$run/logs"
 runs=()
-for seed in 0 1 2; do
-  for temp in 10 40; do
+# T=10 first (the paper's setting), all seeds, before T=40: the head-to-head needs seeds soonest.
+for temp in 10 40; do
+  for seed in 0 1 2; do
     for method in hetcomp final_ensemble bpr; do
       [[ $method == bpr && $temp == 40 ]] && continue      # the student alone has no teachers
       runs+=("$method $temp $seed")
