@@ -1,0 +1,189 @@
+"""The student's user table across W gloo processes: TorchRec DMP row-wise against our hand split.
+
+Both variants process the same global batches of ``--batch`` users per step (users drawn uniformly),
+dim ``--dim``, and update only the looked-up rows with the same rule (exact row-wise Adagrad, the
+fused optimizer fbgemm has on CPU), so the comparison is the cost of the sharding itself:
+
+- ``hand``: what distill/train.py does. Rank r owns the contiguous users [start, stop); every rank
+  draws the same global batch and keeps its own users, looks them up in its local rows
+  (``F.embedding``), and updates those rows in place. No collective touches the user table.
+- ``dmp``: the user table in an EmbeddingBagCollection sharded ``row_wise`` with the fused kernel
+  under DistributedModelParallel; rank r feeds the r-th 1/W of the global batch (any users) and
+  TorchRec routes ids and pooled rows with all-to-alls, the update running inside backward.
+
+The loss is <e_u, g_u> with a fixed random g per row position, enough to give every looked-up row a
+gradient; the item table (replicated, its gradient all-reduced in both designs) is left out because
+it costs the same in both. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
+columns are not a multiple of 4, so the reference student (dim 6) cannot take this path at all. Reported per variant, per world size and users: mean ms per step after
+warm-up, peak RSS per rank, and the user-table bytes each rank holds.
+
+    .venv/bin/python bench/bench_sharding.py                       # 100k and 1M users, W = 1 and 2
+    .venv/bin/python bench/bench_sharding.py --users 100000 --steps 50
+
+Writes bench/out/sharding.txt and bench/out/sharding.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+OUT = Path(__file__).resolve().parent / "out"
+EPS, LR = 1e-8, 0.05
+
+
+def _hand(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int) -> dict:
+    start, stop = users * rank // world, users * (rank + 1) // world
+    weight = torch.randn(stop - start, dim) * 0.01
+    state = torch.zeros(stop - start)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(batch, dim, generator=gen)
+    times = []
+    for step in range(warmup + steps):
+        ids = torch.randint(users, (batch,), generator=gen)
+        t0 = _now()
+        own = (ids >= start) & (ids < stop)
+        rows = (ids[own] - start)
+        emb = torch.nn.functional.embedding(rows, weight).requires_grad_()
+        (emb * g[own]).sum().backward()
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        grad = torch.zeros(len(uniq), dim).index_add_(0, inv, emb.grad)
+        state[uniq] += grad.pow(2).mean(1)
+        weight[uniq] -= LR * grad / (state[uniq].sqrt() + EPS)[:, None]
+        if step >= warmup:
+            times.append(_now() - t0)
+    return {"ms": 1000 * sum(times) / len(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+
+def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int) -> dict:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=users,
+                                                            feature_names=["user"])], device=torch.device("meta"))
+    sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                                                          "learning_rate": LR, "eps": EPS})
+    plan = ShardingPlan({"": construct_module_sharding_plan(ebc, {"user": row_wise(compute_kernel="fused")},
+                                                            sharder=sharder, local_size=world, world_size=world,
+                                                            device_type="cpu")})
+    model = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                     device=torch.device("cpu"), plan=plan, sharders=[sharder])
+    gen = torch.Generator().manual_seed(0)
+    part = batch // world
+    g = torch.randn(part, dim, generator=gen)
+    times = []
+    for step in range(warmup + steps):
+        ids = torch.randint(users, (batch,), generator=gen)[rank * part:(rank + 1) * part]
+        t0 = _now()
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user"], values=ids, lengths=torch.ones(part, dtype=torch.int32))
+        (model(kjt).to_dict()["user"] * g).sum().backward()
+        if step >= warmup:
+            times.append(_now() - t0)
+    local = sum(s.tensor.numel() for v in model.state_dict().values() if hasattr(v, "local_shards")
+                for s in v.local_shards())
+    return {"ms": 1000 * sum(times) / len(times), "table_bytes": local * 4 + local // dim * 4}
+
+
+def _now() -> float:
+    import time
+    return time.perf_counter()
+
+
+def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fn = _hand if args["variant"] == "hand" else _dmp
+    result = fn(args["users"], args["dim"], args["batch"], args["steps"], args["warmup"], rank, world)
+    dist.barrier()
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(variant: str, users: int, world: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        spec = {"variant": variant, "users": users, "dim": args.dim, "batch": args.batch,
+                "steps": args.steps, "warmup": args.warmup}
+        mp.start_processes(_worker, args=(world, _free_port(), spec, out), nprocs=world, start_method="spawn")
+        ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+    return {"variant": variant, "users": users, "world": world, "ms": max(r["ms"] for r in ranks),
+            "rss_mb": max(r["rss_mb"] for r in ranks), "table_mb": max(r["table_bytes"] for r in ranks) / 2**20}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--dim", type=int, default=8)   # fused kernel: dim % 4 == 0
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args()
+    rows = []
+    for users in args.users:
+        for world in args.worlds:
+            for variant in ("hand", "dmp"):
+                rows.append(run_one(variant, users, world, args))
+                r = rows[-1]
+                print(f"{variant:5s} users {users:>9,d}  W={world}  {r['ms']:8.3f} ms/step  "
+                      f"peak RSS {r['rss_mb']:7.0f} MB/rank  user table {r['table_mb']:7.1f} MB/rank", flush=True)
+    table = _table(rows)
+    print("\n" + table)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "sharding.txt").write_text(table + "\n")
+    if not args.no_plot:
+        _plot(rows)
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| users | W | hand ms/step | DMP ms/step | DMP / hand | hand RSS MB/rank | DMP RSS MB/rank | "
+             "user table MB/rank (hand / DMP) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    by = {(r["variant"], r["users"], r["world"]): r for r in rows}
+    for users, world in sorted({(r["users"], r["world"]) for r in rows}):
+        h, d = by[("hand", users, world)], by[("dmp", users, world)]
+        lines.append(f"| {users:,} | {world} | {h['ms']:.3f} | {d['ms']:.3f} | {d['ms'] / h['ms']:.1f}x | "
+                     f"{h['rss_mb']:.0f} | {d['rss_mb']:.0f} | {h['table_mb']:.1f} / {d['table_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in ("hand", "dmp"):
+        for world in sorted({r["world"] for r in rows}):
+            pts = sorted((r["users"], r["ms"]) for r in rows if r["variant"] == variant and r["world"] == world)
+            ax.plot(*zip(*pts), marker="o", label=f"{variant} W={world}")
+    ax.set(xscale="log", yscale="log", xlabel="users", ylabel="ms per step (1,024 users)",
+           title="Student user table: DMP row-wise vs hand split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "sharding.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
