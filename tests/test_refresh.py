@@ -180,3 +180,56 @@ def test_lease_excludes_a_second_holder(storage_root):
                 pass
     with leases.hold(layout.lease, "b"):
         pass
+
+
+def _fake_trajectory(uri: str, n_users: int, n_items: int, summary: dict | None = None) -> None:
+    """A small complete trajectory (two evaluations, k=5) for ``n_users`` x ``n_items``."""
+    from hetcomp_dist.teachers.trajectory import TrajectoryWriter
+
+    writer = TrajectoryWriter(uri, model="bpr_mf", n_users=n_users, k=5, n_items=n_items, observed_k=5, overwrite=True)
+    lists = np.arange(n_users * 5).reshape(n_users, 5) % n_items
+    for epoch, value in ((2, 0.1), (4, 0.2)):
+        writer.write_snapshot(epoch, {"recall@20": value}, [(np.arange(n_users), lists)])
+    writer.finish([(np.arange(n_users), lists)], extra={"summary": summary or {}})
+
+
+def test_teachers_on_ray_actors_map_failures_and_pids(tmp_path, days, monkeypatch):
+    """With refresh.ray the teachers go to the actors of `hetcomp train-teachers` (their call faked here), rooted
+    at the version's folder; a teacher whose actor failed keeps the previous version's trajectory."""
+    from hetcomp_dist.refresh import loading, teachers
+    from hetcomp_dist.teachers import actors
+
+    d1, d2, _, _ = days
+    layout = Layout(str(tmp_path / "run"))
+    for v, d in ((1, d1), (2, d2)):
+        versions.build_version(layout, v, versions.read_new(d, CFG.new_data), CFG)
+    old, data = load_dataset(layout.data(1)), load_dataset(layout.data(2))
+    for name in ("bpr_mf", "lightgcn"):
+        _fake_trajectory(layout.trajectory(1, name), old.n_users, old.n_items)
+    cfg, rcfg = loading.load(REPO / "configs" / "refresh_tiny.yaml", [f"run={layout.run}", "refresh.ray=true",
+                                                                        "refresh.warm_start=false"])
+    calls = []
+
+    def fake_train_on_ray(run_cfg, todo, dataset_uri, report):
+        calls.append(([t.name for t in todo], dataset_uri, run_cfg.layout.trajectory("bpr_mf")))
+        _fake_trajectory(run_cfg.layout.trajectory("bpr_mf"), data.n_users, data.n_items,
+                         {"best_epoch": 4, "epochs_trained": 4})
+        report({"teacher": "bpr_mf", "event": "done", "pid": 4242})
+        report({"teacher": "lightgcn", "event": "epoch", "pid": 4343})
+        raise actors.TeachersFailed("teacher(s) failed: lightgcn (the others finished; ...)")
+
+    monkeypatch.setattr(actors, "_train_on_ray", fake_train_on_ray)
+    records = {r["name"]: r for r in teachers.train_version_teachers(layout, cfg, rcfg, 2, data, lambda m: None)}
+    assert calls == [(["bpr_mf", "lightgcn"], layout.data(2), layout.trajectory(2, "bpr_mf"))]
+    bpr, gcn = records["bpr_mf"], records["lightgcn"]
+    assert (bpr["status"], bpr["ran"], bpr["actor_pids"], bpr["best_epoch"]) == ("trained from scratch", "ray-actor",
+                                                                                 [4242], 4)
+    assert (gcn["status"], gcn["ran"], gcn["actor_pids"]) == ("failed: kept v0001's trajectory", "ray-actor", [4343])
+    assert "lightgcn" in gcn["error"] and gcn["trajectory"] == layout.trajectory(2, "lightgcn")
+    carried = storage.read_manifest(layout.trajectory(2, "lightgcn"))
+    assert carried["carried_from"] == layout.trajectory(1, "lightgcn") and carried["n_users"] == data.n_users
+    report = {"version": "v0002", "promote": True, "reasons": [], "lineage": {}, "teachers": list(records.values()),
+              "gate": {"metrics": [], "candidate": None, "production": None},
+              "student": {"status": "warm-started from v0001", "ran": "ray-train", "workers": 2}}
+    text = job.render(report)
+    assert "bpr_mf: trained from scratch, on a Ray actor (pid 4242)" in text and "on Ray Train (2 workers)" in text

@@ -23,6 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-data", metavar="URI", help="new interactions with timestamps (csv, parquet, inter); "
                    "without it and before any version: v0001 from data.source")
     p.add_argument("--owner", help="the lease's owner name (default: host:pid)")
+    p.add_argument("--ray", action="store_true", help="teachers on Ray actors, the student on distill.workers Ray "
+                   "Train workers (same as --set refresh.ray=true; ray.address / $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_refresh)
 
     p = sub.add_parser("rollback", help="point current back at an earlier promoted version")
@@ -53,7 +55,7 @@ def _cmd_refresh(args: argparse.Namespace) -> None:
     from hetcomp_dist import lease as leases
     from hetcomp_dist.refresh import job, loading
 
-    cfg, rcfg = loading.load(args.config, args.overrides)
+    cfg, rcfg = loading.load(args.config, [*args.overrides, *(["refresh.ray=true"] if args.ray else [])])
     try:
         report = job.refresh(cfg, rcfg, args.new_data, owner=args.owner)
     except leases.LeaseHeld as e:

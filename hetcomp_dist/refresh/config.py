@@ -54,6 +54,9 @@ class RefreshConfig:
     valid_fraction: float = 0.1      # of the older rows; a pair keeps its train/valid label in every version
     seed: int = 0
     warm_start: bool = True          # False: every version trains from scratch (the bench's baseline)
+    # True: teachers on Ray actors and the student on distill.workers Ray Train workers (the ray section's
+    # cluster); False: both in the refresh's own process. jobs/nightly_refresh.py sets it (hetcomp refresh --ray).
+    ray: bool = False
     teacher_epochs: int = 4          # a warm-started teacher trains at most this many more epochs (or its stopping rule)
     student_epochs: int = 40         # a warm-started student's max_epochs
     export_k: int = 50               # top-K recommendations per user in the export

@@ -14,38 +14,38 @@
        the hardest part to imitate. When the continuation improves little, several stages hold the same
        snapshot and DKC moves a pair through them at once, as with a teacher that converges fast.
        A teacher that fails keeps the previous version's trajectory (users new since then get empty
-       lists); one without any earlier trajectory is left out. The report says which.
+       lists); one without any earlier trajectory is left out. The report says which (refresh/teachers.py).
     3. student: continues from the production student (grown) for at most ``refresh.student_epochs``,
-       distilling from the version's trajectories; without production, a fresh distillation.
+       distilling from the version's trajectories; without production, a fresh distillation (refresh/student.py).
     4. gate (refresh/gate.py), decision and reasons in ``versions/vNNNN/report``.
     5. if promoted: the export (refresh/export.py), then the ``current`` pointer (refresh/promote.py).
 
-All of it holds the run's lease; ``current`` only ever moves by one atomic write after the export is
-complete, so a refresh killed anywhere leaves it at a complete, valid version.
+Steps 2 and 3 run in this process, or with ``refresh.ray`` (``hetcomp refresh --ray``, jobs/nightly_refresh.py)
+on Ray: the teachers concurrently on the actors of ``hetcomp train-teachers``, the student on the Ray Train
+workers of ``hetcomp distill --ray``. Everything else, the lease included, stays in this process (the driver).
+
+All of it holds the run's lease (renewed by its thread while actors and workers train); ``current`` only
+ever moves by one atomic write after the export is complete, so a refresh killed anywhere leaves it at a
+complete, valid version.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-import traceback
 from typing import Any, Callable
-
-import numpy as np
 
 from hetcomp_dist import storage
 from hetcomp_dist.config import ConfigError
 from hetcomp_dist.data.dataset import Dataset, load_dataset
-from hetcomp_dist.distill.train import distill
 from hetcomp_dist.refresh import export as export_mod
 from hetcomp_dist import lease as leases
 from hetcomp_dist.refresh import gate, grow, promote, versions
+from hetcomp_dist.refresh import student as version_student
+from hetcomp_dist.refresh import teachers as version_teachers
 from hetcomp_dist.refresh.config import RefreshConfig
 from hetcomp_dist.refresh.layout import Layout, version_name, version_number
 from hetcomp_dist.run import RunConfig
-from hetcomp_dist.teachers.train import train_teacher
-from hetcomp_dist.teachers.trajectory import TrajectoryReader, TrajectoryWriter
 
 Log = Callable[[str], None]
 Hook = Callable[[str], None]       # called with a step's name before it runs (tests kill the process there)
@@ -59,12 +59,13 @@ def refresh(cfg: RunConfig, rcfg: RefreshConfig, new_data: str | None, log: Log 
         step = _Steps(hooks, log, lease)
         number = step("data", lambda: _data_version(layout, cfg, rcfg, new_data, log))
         data = load_dataset(layout.data(number))
-        teachers = step("teachers", lambda: _teachers(layout, cfg, rcfg, number, data, log))
+        teachers = step("teachers", lambda: version_teachers.train_version_teachers(layout, cfg, rcfg, number, data, log))
         current = promote.read_current(layout)
         used = [t["name"] for t in teachers if t["trajectory"]]
         if not used:
             raise RuntimeError(f"{version_name(number)}: no teacher has a trajectory; nothing to distil")
-        student = step("student", lambda: _student(layout, cfg, rcfg, number, data, used, current, log))
+        student = step("student", lambda: version_student.train_version_student(layout, cfg, rcfg, number, data, used,
+                                                                                current, log))
         report = step("gate", lambda: _gate(layout, cfg, rcfg, number, data, current, teachers, student))
         if report["promote"]:
             step("export", lambda: export_version(layout, number, rcfg.export_k))
@@ -111,108 +112,6 @@ def _data_version(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, new_data:
     return number
 
 
-def _previous_with(layout: Layout, number: int, name: str) -> int | None:
-    """The newest version before ``number`` where teacher ``name`` has a complete trajectory."""
-    for v in range(number - 1, 0, -1):
-        if storage.is_complete(layout.trajectory(v, name)):
-            return v
-    return None
-
-
-def _teachers(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, number: int, data: Dataset,
-              log: Log) -> list[dict[str, Any]]:
-    out = []
-    for t in cfg.teachers:
-        if t.name not in cfg.teacher_names():
-            continue
-        uri = layout.teacher(number, t.name)
-        prev = _previous_with(layout, number, t.name)
-        record = {"name": t.name, "previous": None if prev is None else version_name(prev)}
-        try:
-            if storage.is_complete(storage.join(uri, "trajectory")):
-                record.update(status="done before (reused)")
-            elif prev is not None and rcfg.warm_start:
-                record.update(status="warm-started", **_warm_teacher(layout, cfg, rcfg, prev, t, data, uri))
-            else:
-                train_teacher(t, layout.data(number), uri, cfg.trajectory, tuple(cfg.ks), cfg.eval_batch_size)
-                record.update(status="trained from scratch")
-            record["trajectory"] = storage.join(uri, "trajectory")
-        except Exception as e:  # noqa: BLE001 - a failed teacher must not stop the refresh
-            log(f"teacher {t.name} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
-            record.update(status="failed", error=f"{type(e).__name__}: {e}", trajectory=None)
-            if prev is not None:
-                record["trajectory"] = carry_trajectory(layout.trajectory(prev, t.name), storage.join(uri, "trajectory"), data)
-                record["status"] = f"failed: kept {version_name(prev)}'s trajectory"
-        log(f"teacher {t.name}: {record['status']}")
-        out.append(record)
-    return out
-
-
-def _warm_teacher(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, prev: int, t, data: Dataset,
-                  uri: str) -> dict[str, Any]:
-    warm = grow.warm_teacher_config(t, rcfg.teacher_epochs)
-    info: dict[str, Any] = {}
-    from hetcomp_dist.teachers.train import checkpointer
-    if checkpointer(uri, warm).load() is None:          # else: a killed refresh's checkpoint, resumed as it is
-        old = grow.latest_model_state(layout.teacher(prev, t.name), t)
-        if old is None:
-            raise RuntimeError(f"{layout.teacher(prev, t.name)}: no checkpoint to continue from")
-        info = grow.warm_teacher(warm, data, old, uri, cfg.trajectory, tuple(cfg.ks), cfg.eval_batch_size)
-    summary = train_teacher(warm, layout.data(data_number(data)), uri, cfg.trajectory, tuple(cfg.ks), cfg.eval_batch_size)
-    return {"start_valid": info.get("start_valid"), "best_epoch": summary["best_epoch"],
-            "epochs_trained": summary["epochs_trained"]}
-
-
-def data_number(data: Dataset) -> int:
-    return version_number(data.meta["lineage"]["version"])
-
-
-def carry_trajectory(old: str, new: str, data: Dataset) -> str:
-    """Copy a finished trajectory to ``new`` for the (larger) version ``data``: same stages and lists,
-    users added since then with empty (-1) lists. Returns ``new``."""
-    reader = TrajectoryReader([old])
-    m, n_old = reader.manifests[0], reader.n_users
-    lists = reader.trajectories(0, n_old)[:, 0].numpy()            # [users, stages, k]
-    observed = reader.observed(0, n_old)[:, 0].numpy()
-    writer = TrajectoryWriter(new, model=m["model"], n_users=data.n_users, k=m["k"], n_items=data.n_items,
-                              observed_k=m["observed_k"], config=m.get("config"), overwrite=True)
-
-    def padded(block: np.ndarray):
-        full = np.full((data.n_users, block.shape[1]), -1, np.int32)
-        full[:n_old] = block
-        yield np.arange(data.n_users), full
-
-    written = set()
-    for s, point in enumerate(m["trajectory"]):
-        if point["epoch"] not in written:
-            writer.write_snapshot(point["epoch"], point["metrics"], padded(lists[:, s]))
-            written.add(point["epoch"])
-    writer.finish(padded(observed), m["selection"]["fractions"], m["selection"]["metric"],
-                  extra={"carried_from": old, "summary": m.get("summary")})
-    return new
-
-
-def _student(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, number: int, data: Dataset,
-             teachers: list[str], current: dict[str, Any] | None, log: Log) -> dict[str, Any]:
-    out = layout.student(number)
-    if storage.is_complete(out):
-        return {"status": "done before (reused)", "metrics": storage.read_json(out, "metrics.json")}
-    uris = [layout.trajectory(number, n) for n in teachers]
-    d = dataclasses.replace(cfg.distill, out=out, teachers=teachers)
-    status = "distilled from scratch"
-    if current is not None and rcfg.warm_start:
-        d = dataclasses.replace(d, max_epochs=rcfg.student_epochs)
-        from hetcomp_dist.distill.train import checkpointer
-        if checkpointer(out, d).load() is None:
-            prod = grow.load_student_state(layout.student(version_number(current["version"])))
-            n_stages = TrajectoryReader(uris).n_snapshots
-            grow.warm_student(d, data, prod, len(uris), n_stages, out)
-        status = f"warm-started from {current['version']}"
-    metrics = distill(layout.data(number), uris, d, out, tuple(cfg.ks))
-    log(f"student: {status}, best epoch {metrics['best_epoch']} of {metrics['epochs']}")
-    return {"status": status, "metrics": metrics}
-
-
 def _gate(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, number: int, data: Dataset,
           current: dict[str, Any] | None, teachers: list[dict[str, Any]], student: dict[str, Any]) -> dict[str, Any]:
     ks = tuple(cfg.ks)
@@ -225,7 +124,8 @@ def _gate(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, number: int, data
     figures = {"candidate": cand, "production": prod, "production_version": current and current["version"],
                "metrics": rcfg.gate.metrics, "tolerance": rcfg.gate.tolerance}
     report = {"version": version_name(number), "promote": ok, "reasons": reasons, "gate": figures,
-              "teachers": teachers, "student": {"status": student["status"],
+              "teachers": teachers, "student": {"status": student["status"], "ran": student.get("ran"),
+                                                "workers": student.get("workers"),
                                                 "test": student["metrics"].get("test"),
                                                 "best_epoch": student["metrics"].get("best_epoch"),
                                                 "epochs": student["metrics"].get("epochs")},
@@ -245,11 +145,22 @@ def render(report: dict[str, Any]) -> str:
         if g[who] is not None:
             lines.append(f"| {who} | " + " | ".join(f"{g[who]['metrics'].get(m, float('nan')):.4f}" for m in g["metrics"])
                          + f" | {g[who]['n_users']} |")
-    lines += ["", "## Teachers", ""] + [f"- {t['name']}: {t['status']}" + (f" ({t['error']})" if t.get("error") else "")
+    lines += ["", "## Teachers", ""] + [f"- {t['name']}: {t['status']}" + _where(t) + (f" ({t['error']})" if t.get("error")
+                                                                                      else "")
                                          for t in report["teachers"]]
-    lines += ["", f"## Student: {report['student']['status']}", "", "## Lineage", "",
+    lines += ["", f"## Student: {report['student']['status']}{_where(report['student'])}", "", "## Lineage", "",
               "```json", json.dumps(report["lineage"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _where(record: dict[str, Any]) -> str:
+    """Where a teacher or the student ran, for report.md (records of earlier versions have no ``ran``)."""
+    ran = record.get("ran")
+    if ran == "ray-actor":
+        return f", on a Ray actor (pid {', '.join(map(str, record.get('actor_pids') or [])) or '?'})"
+    if ran == "ray-train":
+        return f", on Ray Train ({record.get('workers')} workers)"
+    return ", in the refresh's process" if ran == "in-process" else ""
 
 
 def export_version(layout: Layout, number: int, k: int) -> dict[str, Any]:
