@@ -2,6 +2,11 @@
 
 A model is a plain single-device ``nn.Module`` (tables from :mod:`.tables`); it owns its loss and
 its sampler, and scores all items for a batch of users. Parallelism lives in distributed.py.
+
+Devices: everything a model computes with is a parameter or a buffer (graphs and CSR inputs as
+non-persistent buffers, so checkpoints hold weights only), so ``model.to(device)`` moves all of it.
+Its loss takes a batch on the model's device; its scorer takes users on any device and returns
+scores on the model's. Samplers stay numpy on the CPU: the same batches on every device.
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ def register(name: str) -> Callable[[type], type]:
 
 def build(name: str, n_users: int, n_items: int, train: Interactions, params: dict,
           device: torch.device | None = None) -> torch.nn.Module:
-    """Instantiate model ``name``; unknown hyper-parameters are errors that list the allowed ones."""
+    """Instantiate model ``name`` on ``device`` (default: the CPU); unknown hyper-parameters are errors
+    that list the allowed ones.
+
+    The model is built on the CPU, from torch's CPU generator, then moved: a teacher starts from the
+    same weights on every device, so a cuda run can be checked against a cpu one.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
     cls = MODELS[name]
@@ -51,4 +61,5 @@ def build(name: str, n_users: int, n_items: int, train: Interactions, params: di
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"model {name}: unknown parameter(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})")
-    return cls(n_users=n_users, n_items=n_items, train=train, device=device, **params)
+    model = cls(n_users=n_users, n_items=n_items, train=train, **params)
+    return model if device is None else model.to(device)

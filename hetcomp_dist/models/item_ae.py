@@ -10,7 +10,7 @@ from hetcomp_dist.data.dataset import Interactions
 from hetcomp_dist.models import sampling
 from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
-from hetcomp_dist.models.vae import bag_inputs, multinomial_nll
+from hetcomp_dist.models.vae import bag_inputs, multinomial_nll, register_csr
 
 
 def transpose(train: Interactions) -> Interactions:
@@ -31,7 +31,8 @@ class ItemAE(nn.Module):
     def __init__(self, n_users: int, n_items: int, train: Interactions, hidden: int = 200,
                  dropout: float = 0.5, init_std: float = 0.01, device: torch.device | None = None):
         super().__init__()
-        self.by_item, self.dropout = transpose(train), dropout
+        self.by_item, self.dropout = transpose(train), dropout    # by_item: the CPU sampler's; the buffers: the step's
+        register_csr(self, "input", self.by_item)
         self.tables = Tables({"user_in": (n_users, hidden), "user_out": (n_users, hidden)}, init_std, device)
         self.in_bias = nn.Parameter(torch.zeros(hidden))
         self.out_bias = nn.Parameter(torch.zeros(n_users))
@@ -42,7 +43,8 @@ class ItemAE(nn.Module):
             yield {"item": batch["user"]}
 
     def _codes(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, lengths, weights, pairs = bag_inputs(self.by_item, items, self.dropout, self.training)
+        ids, lengths, weights, pairs = bag_inputs(self.input_indptr, self.input_indices, items, self.dropout,
+                                                  self.training)
         return torch.tanh(self.tables.bags("user_in", ids, lengths, weights) + self.in_bias), pairs
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -51,7 +53,7 @@ class ItemAE(nn.Module):
 
     def scorer(self):
         n_items = self.by_item.n_users
-        codes = torch.cat([self._codes(torch.arange(s, min(s + 4096, n_items)))[0]
+        codes = torch.cat([self._codes(torch.arange(s, min(s + 4096, n_items), device=self.out_bias.device))[0]
                            for s in range(0, n_items, 4096)])
         return lambda users: self.tables(user_out=users)["user_out"] @ codes.T
 

@@ -22,13 +22,17 @@ class Adjacency:
     ``torch.sparse.mm`` on the same CSR matrix (bench/bench_teachers.py). A is symmetric,
     so the backward of ``A @ x`` is ``A @ grad`` (no transpose, no scatter).
 
+    The kernel runs on the device of the arrays (CPU or CUDA); :class:`LightGCN` keeps them as
+    buffers, so they move with the model.
+
     Args:
-        indptr: int64 [n + 1]; cols: int64 [nnz]; values: float32 [nnz]: CSR of the n x n matrix.
+        offsets: int64 [n] (CSR indptr without its last entry); cols: int64 [nnz]; values: float32 [nnz]:
+            CSR of the n x n matrix.
     """
 
-    def __init__(self, indptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor):
-        self.offsets, self.cols, self.values = indptr[:-1].contiguous(), cols, values
-        self.n = len(indptr) - 1
+    def __init__(self, offsets: torch.Tensor, cols: torch.Tensor, values: torch.Tensor):
+        self.offsets, self.cols, self.values = offsets, cols, values
+        self.n = len(offsets)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """A @ x: n x d -> n x d (not differentiable; see :meth:`__matmul__`)."""
@@ -60,7 +64,7 @@ def normalized_adjacency(train: Interactions) -> Adjacency:
     order = np.lexsort((cols, rows))
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    return Adjacency(torch.from_numpy(indptr), torch.from_numpy(cols[order]),
+    return Adjacency(torch.from_numpy(indptr[:-1]).contiguous(), torch.from_numpy(cols[order]),
                      torch.from_numpy(values[order].astype(np.float32)))
 
 
@@ -83,14 +87,24 @@ class LightGCN(nn.Module):
         super().__init__()
         self.n_users, self.layers, self.reg, self.n_neg = n_users, layers, reg, n_neg
         self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std, device)
-        self.adjacency = normalized_adjacency(train)
+        adjacency = normalized_adjacency(train)
+        # Buffers, so that .to(device) moves the graph with the tables; not persistent: checkpoints hold
+        # weights only, and the graph is rebuilt from the train data.
+        self.register_buffer("adj_offsets", adjacency.offsets, persistent=False)
+        self.register_buffer("adj_cols", adjacency.cols, persistent=False)
+        self.register_buffer("adj_values", adjacency.values, persistent=False)
+
+    @property
+    def adjacency(self) -> Adjacency:
+        """The normalised graph, on the model's device."""
+        return Adjacency(self.adj_offsets, self.adj_cols, self.adj_values)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final user (n_users x d) and item (n_items x d) embeddings."""
         x = torch.cat([self.tables.weight("user"), self.tables.weight("item")])
-        total = x
+        total, adjacency = x, self.adjacency
         for _ in range(self.layers):
-            x = self.adjacency @ x
+            x = adjacency @ x
             total = total + x
         final = total / (self.layers + 1)
         return final[:self.n_users], final[self.n_users:]

@@ -48,7 +48,7 @@ class NeuMF(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = batch["user"].repeat_interleave(1 + self.n_neg)
         i = torch.cat([batch["pos"].unsqueeze(1), batch["neg"]], 1).flatten()
-        labels = torch.zeros(len(batch["user"]), 1 + self.n_neg)
+        labels = torch.zeros(len(batch["user"]), 1 + self.n_neg, device=u.device)
         labels[:, 0] = 1
         return F.binary_cross_entropy_with_logits(self._logits(u, i), labels.flatten())
 

@@ -19,7 +19,8 @@ class Tables(nn.Module):
     Args:
         shapes: table name -> (number of rows, embedding dimension).
         init_std: rows start as N(0, init_std^2) (TorchRec's default init is uniform and large).
-        device: ``torch.device("meta")`` builds without memory, for sharding.
+        device: where the tables are built (default: the CPU; ``torch.device("meta")`` builds without
+            memory, for sharding). ``models.build`` builds on the CPU and moves the whole model.
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], init_std: float = 0.1,
@@ -33,15 +34,23 @@ class Tables(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=configs, device=device or torch.device("cpu"))
 
     def forward(self, **ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Look up one row per id: ``tables(user=u, item=i)`` -> {"user": B x d, "item": B' x d}."""
+        """Look up one row per id: ``tables(user=u, item=i)`` -> {"user": B x d, "item": B' x d}.
+
+        Ids on another device than the tables (a scorer's users, from the evaluation) are moved to them.
+        """
         if isinstance(self.ebc, EmbeddingBagCollection):
             # Unsharded: a one-id bag is a row lookup. F.embedding on the same weights gives the same
             # values and gradients without the KJT's one-stride padding and the pooled-output concat
             # (up to 2x the time of a step otherwise; bench/bench_teachers.py). Sharded: the KJT below.
-            return {n: F.embedding(v.long(), self.ebc.embedding_bags[n].weight) for n, v in ids.items()}
+            out = {}
+            for n, v in ids.items():
+                weight = self.ebc.embedding_bags[n].weight
+                out[n] = F.embedding(v.long().to(weight.device), weight)
+            return out
         # A KJT has one batch size for all keys: shorter id lists are padded with empty bags.
+        device = next(iter(ids.values())).device
         stride = max(len(v) for v in ids.values())
-        lengths = torch.zeros(len(self.names), stride, dtype=torch.int32)
+        lengths = torch.zeros(len(self.names), stride, dtype=torch.int32, device=device)
         for k, n in enumerate(self.names):
             lengths[k, :len(ids.get(n, ()))] = 1
         values = torch.cat([ids[n].long() for n in self.names if n in ids])
@@ -51,9 +60,13 @@ class Tables(nn.Module):
 
     def bags(self, name: str, ids: torch.Tensor, lengths: torch.Tensor,
              weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted sum of rows per bag: table ``name``, bags given by ``lengths`` (B) -> B x d."""
+        """Weighted sum of rows per bag: table ``name``, bags given by ``lengths`` (B) -> B x d.
+
+        ``ids``, ``lengths`` and ``weights`` are on the tables' device (a KJT is not moved piecewise).
+        """
         keys = self.names
-        all_lengths = torch.cat([lengths.int() if n == name else torch.zeros(len(lengths), dtype=torch.int32)
+        all_lengths = torch.cat([lengths.int() if n == name
+                                 else torch.zeros(len(lengths), dtype=torch.int32, device=lengths.device)
                                  for n in keys])
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=ids.long(), lengths=all_lengths,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -11,19 +12,44 @@ from hetcomp_dist.models.base import register
 from hetcomp_dist.models.tables import Tables
 
 
-def bag_inputs(train: Interactions, rows: torch.Tensor, dropout: float, training: bool,
+def register_csr(module: nn.Module, prefix: str, data: Interactions) -> None:
+    """``data``'s CSR arrays as int64 buffers ``<prefix>_indptr`` / ``<prefix>_indices`` of ``module``.
+
+    Buffers, so that the inputs are built where the model computes (``.to(device)`` moves them) instead
+    of with numpy on the CPU in every step; not persistent: checkpoints hold weights only.
+    """
+    module.register_buffer(f"{prefix}_indptr", torch.from_numpy(data.indptr.astype(np.int64)), persistent=False)
+    module.register_buffer(f"{prefix}_indices", torch.from_numpy(data.indices.astype(np.int64)), persistent=False)
+
+
+def csr_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) coordinates of the entries of ``rows`` (row indexes into ``rows``), on the arrays' device.
+
+    The same coordinates, in the same order, as :meth:`Interactions.rows` computes with numpy.
+    """
+    rows = rows.to(indptr.device)
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    total = int(lengths.sum())   # the output size: one host sync, instead of one per repeat_interleave
+    row = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths, output_size=total)
+    first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total)
+    offsets = torch.arange(total, device=rows.device) - first
+    return row, indices[starts[row] + offsets]
+
+
+def bag_inputs(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, dropout: float, training: bool,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The L2-normalised binary vectors of ``rows`` as weighted bags, with input dropout.
+    """The L2-normalised binary vectors of ``rows`` (of the CSR ``indptr``/``indices``) as weighted bags,
+    with input dropout, on the CSR's device (``generator``, if given, must be on it too).
 
     Returns (ids, lengths, weights, (row, id) pairs of the full input for the likelihood).
     """
-    row, ids = train.rows(rows.numpy())
-    row, ids = torch.from_numpy(row), torch.from_numpy(ids.astype("int64"))
+    row, ids = csr_rows(indptr, indices, rows)
     n = torch.bincount(row, minlength=len(rows)).clamp(min=1).float()
     weights = n[row].rsqrt()
-    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
     if training and dropout > 0:
-        keep = torch.rand(len(ids), generator=generator) >= dropout
+        keep = torch.rand(len(ids), generator=generator, device=ids.device) >= dropout
         weights = weights / (1 - dropout)
     lengths = torch.bincount(row[keep], minlength=len(rows))
     return ids[keep], lengths, weights[keep], torch.stack([row, ids])
@@ -49,7 +75,7 @@ class _MultinomialNLL(torch.autograd.Function):
         n = torch.bincount(row, minlength=len(h)).to(logits.dtype).unsqueeze(1)
         loss = (n * (top + total.log())).sum() - picked                     # sum_pairs (lse - logit)
         logits.mul_(n / total)                                               # n * softmax
-        logits.index_put_((row, col), torch.tensor(-1.0, dtype=logits.dtype), accumulate=True)
+        logits.index_put_((row, col), logits.new_tensor(-1.0), accumulate=True)
         ctx.save_for_backward(logits, h, weight)
         return loss
 
@@ -80,7 +106,8 @@ class MultVAE(nn.Module):
                  decoder_hidden: int = 600, dropout: float = 0.5, beta_max: float = 0.2,
                  anneal_steps: int = 20000, init_std: float = 0.01, device: torch.device | None = None):
         super().__init__()
-        self.train_data, self.dropout = train, dropout
+        self.dropout = dropout
+        register_csr(self, "input", train)
         self.beta_max, self.anneal_steps = beta_max, anneal_steps
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # in checkpoints: KL annealing resumes
         out_dim = decoder_hidden or latent
@@ -94,7 +121,8 @@ class MultVAE(nn.Module):
         return sampling.user_batches(train, batch_size, rng)
 
     def _encode(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, lengths, weights, pairs = bag_inputs(self.train_data, users, self.dropout, self.training)
+        ids, lengths, weights, pairs = bag_inputs(self.input_indptr, self.input_indices, users, self.dropout,
+                                                  self.training)
         h = torch.tanh(self.tables.bags("item_in", ids, lengths, weights) + self.in_bias)
         mu, logvar = self.encoder(h).chunk(2, dim=-1)
         return mu, logvar, pairs
@@ -111,7 +139,8 @@ class MultVAE(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         nll = multinomial_nll(self._decode(z), self.tables.weight("item_out"), self.out_bias, row, item) / len(mu)
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
-        beta = min(self.beta_max, self.steps.item() / self.anneal_steps)
+        # min(beta_max, steps / anneal_steps) computed where steps lives: no host sync per step on a GPU.
+        beta = (self.steps.double() / self.anneal_steps).clamp(max=self.beta_max).float()
         self.steps += 1
         return nll + beta * kl
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from hetcomp_dist.config import Where, check_metric, check_name, check_ranges
 
@@ -31,6 +31,10 @@ class TeacherConfig:
     threads: int = 1              # torch intra-op threads
     cpus: float = 1.0             # Ray resources of the teacher's actor
     gpus: float = 0.0
+    # Where the teacher trains and is evaluated (hetcomp_dist/device.py): auto = the GPU when torch sees one.
+    # As a Ray actor, auto means cuda exactly when gpus > 0: Ray does not hide the GPUs from an actor that
+    # reserved none, and such an actor must not take one.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     RANGES: ClassVar[tuple[str, ...]] = (
         "lr > 0", "weight_decay >= 0", "batch_size >= 1", "max_epochs >= 1", "eval_every >= 1", "patience >= 1",
@@ -38,12 +42,17 @@ class TeacherConfig:
         "gpus >= 0")
 
     def validate(self, where: Where) -> None:
-        """Ranges, a safe name, a registered model that accepts ``params``; K of select_metric is RunConfig's."""
+        """Ranges, a safe name, no GPU reserved for a CPU teacher, a registered model that accepts ``params``;
+        K of select_metric is RunConfig's. Whether this host has a GPU for ``device: cuda`` is checked where
+        the teacher runs (train_teachers, before any work), which need not be the host that loads the config."""
         from hetcomp_dist import models   # torch and the model families: only once a teacher is configured
 
         check_name(self.name, where.at("name"))
         check_ranges(self, where, self.RANGES)
         check_metric(where.at("select_metric"), self.select_metric)
+        if self.device == "cpu" and self.gpus > 0:
+            raise where.at("gpus").error(f"{self.gpus:g} GPU(s) reserved, but device is cpu: they would stay "
+                                         "idle (set device: auto or cuda)")
         if self.model not in models.MODELS:
             raise where.at("model").error(f"unknown model {self.model!r} (registered: {', '.join(sorted(models.MODELS))})")
         try:

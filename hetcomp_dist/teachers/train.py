@@ -5,6 +5,11 @@ state) through :class:`hetcomp_dist.loop.Checkpointer` under ``<teacher>/checkpo
 run loads the newest complete checkpoint and the trajectory writer drops snapshots taken after it,
 so the trajectory has no duplicates. Batches are drawn from an RNG seeded by (seed, epoch), so a
 resumed epoch sees the same batches.
+
+Device (``cfg.device``, :mod:`hetcomp_dist.device`): the model, its loss, the optimiser state and the
+evaluation's scores and top-K live there; batches are drawn with numpy on the CPU (the same batches on
+every device) and moved to it. Results come to the CPU only to be written: top-K lists, metrics,
+checkpoints (written with CPU tensors, so a checkpoint resumes on any device).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from hetcomp_dist import config, lineage, models, storage
+from hetcomp_dist.device import resolve, to_cpu
 from hetcomp_dist.data.dataset import Dataset, Interactions, load_dataset
 from hetcomp_dist.evaluate import evaluate_split, topk_items
 from hetcomp_dist.loop import Checkpointer, Stopping
@@ -29,15 +35,18 @@ Report = Callable[[dict[str, Any]], None]
 
 def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: TrajectoryConfig = TrajectoryConfig(),
                   ks: tuple[int, ...] = (10, 20, 50), eval_batch_size: int = 1024,
-                  report: Report = lambda event: None) -> dict[str, Any]:
+                  report: Report = lambda event: None, device: torch.device | None = None) -> dict[str, Any]:
     """Train ``cfg`` on the dataset at ``dataset_uri``; write its trajectory and checkpoints under ``out``.
 
-    Returns a summary: best epoch, valid metrics at it, test metrics of the best model, timings.
+    ``device``: where to train; default ``cfg.device`` resolved here, before any work (a Ray actor
+    passes the device its reservation allows). Returns a summary: best epoch, valid metrics at it, test
+    metrics of the best model, timings.
     """
+    device = device if device is not None else resolve(cfg.device, f"teacher {cfg.name}: device")
     torch.set_num_threads(cfg.threads)
     data = load_dataset(dataset_uri)
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
+    model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     stopping = Stopping(cfg.patience, cfg.min_delta, cfg.max_train_seconds)
     checkpoints = checkpointer(out, cfg, lineage.identity_of(data.meta))
@@ -59,8 +68,9 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
                 for group in optimizer.param_groups:  # saved with the optimizer, so a resumed run keeps it
                     group["lr"] *= cfg.lr_decay
             with stopping.timing("snapshot"):
-                checkpoints.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "epoch": epoch, "stopping": stopping.state_dict(), "best_model": best_model})
+                checkpoints.save(epoch, to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "epoch": epoch, "stopping": stopping.state_dict(),
+                                                "best_model": best_model}))
             event.update(valid=value, best=stopping.best, best_epoch=stopping.best_epoch)
             report(event)
             if stopping.done:
@@ -113,19 +123,25 @@ def _load_loop_state(state: dict[str, Any], stopping: Stopping) -> int:
 
 
 def _train_epoch(model, optimizer, train: Interactions, cfg: TeacherConfig, epoch: int) -> float:
-    """One pass over the train interactions; returns the mean batch loss."""
+    """One pass over the train interactions, on the model's device; returns the mean batch loss."""
     model.train()
     torch.manual_seed(cfg.seed * 100_003 + epoch)
     rng = np.random.default_rng([cfg.seed, epoch])
-    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    # The losses are summed where they are computed, in float64 as Python's floats were: one host sync
+    # per epoch instead of one per step (loss.item()), which would stall a GPU at every batch.
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in model.batches(train, cfg.batch_size, rng):
+        # non_blocking: the copy needs no wait for the steps already queued on a GPU; a no-op on the CPU.
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         model.after_step()
-        total, n = total + loss.item(), n + 1
-    return total / max(n, 1)
+        total += loss.detach().double()
+        n += 1
+    return total.item() / max(n, 1)
 
 
 class Evaluator:
@@ -180,17 +196,18 @@ def _observed_batches(scorer, train: Interactions, width: int, batch_size: int) 
         col = np.arange(len(row)) - np.repeat(np.cumsum(counts[users]) - counts[users], counts[users])
         grid[row, col] = items
         scores = scorer(torch.from_numpy(users)).float()
-        picked = torch.gather(scores, 1, torch.from_numpy(np.maximum(grid, 0)))
-        picked[torch.from_numpy(grid < 0)] = -torch.inf
-        order = torch.argsort(picked, dim=1, descending=True, stable=True).numpy()
+        picked = torch.gather(scores, 1, torch.from_numpy(np.maximum(grid, 0)).to(scores.device))
+        picked[torch.from_numpy(grid < 0).to(scores.device)] = -torch.inf
+        order = torch.argsort(picked, dim=1, descending=True, stable=True).cpu().numpy()
         ranked = np.take_along_axis(grid, order, axis=1)[:, :width]
         yield users, ranked.astype(np.int32)
 
 
-# Settings that change where or how fast a teacher trains, not what it computes: they may differ
-# between a finished teacher and the config asking for it. A checkpoint may also be resumed under other
+# Settings that change where or how fast a teacher trains, not what it computes (on a GPU the same
+# teacher, up to floating-point rounding): they may differ between a finished teacher and the config
+# asking for it. A checkpoint may also be resumed under other
 # stopping rules (train a run further, or stop it where it is): the epochs before the stop are the same.
-_RESOURCES = ("threads", "cpus", "gpus")
+_RESOURCES = ("threads", "cpus", "gpus", "device")
 _STOPPING = ("max_epochs", "max_train_seconds", "patience", "min_delta")
 
 
