@@ -2,8 +2,9 @@
 
 With W workers (ranks), rank r owns the contiguous users [start, stop) = :func:`user_range`; its
 student holds those user rows and the whole item table (replicated: every user is scored against
-every item). Rows are drawn as one process would draw the whole table, so a run's result does not
-depend on the number of workers.
+every item). Its rows hold the very values a one-process run draws for them (:func:`build_student`),
+so a run's result does not depend on the number of workers, and no worker ever builds the whole
+user table.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from hetcomp_dist import distributed
 from hetcomp_dist.models.tables import Tables
 
 USER_KEY, ITEM_KEY = "tables.ebc.embedding_bags.user.weight", "tables.ebc.embedding_bags.item.weight"
+CHUNK_ROWS = 1 << 14     # rows drawn at a time by build_student; a multiple of 16 (see _draw_rows)
 
 
 class Student(torch.nn.Module):
@@ -32,9 +35,21 @@ class Student(torch.nn.Module):
         self.first_user = first_user
         self.tables = Tables({"user": (n_users, dim), "item": (n_items, dim)}, init_std=init_std, device=device)
 
+        # True (distill.optimizer rowwise_adam): user_rows' gradient is a sparse tensor of the looked-up
+        # rows only, so a step costs O(batch), not O(table) (distill/optim.py)
+        self.sparse_user_grad = False
+
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Global user indices (B) -> B x n_items."""
         return self.tables(user=users - self.first_user)["user"] @ self.tables.weight("item").T
+
+    def user_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the user table (local row indices, B) -> B x dim, for a loss.
+
+        The same lookup as ``tables(user=rows)`` (values and dense gradient alike), with a sparse
+        gradient when ``sparse_user_grad`` is set.
+        """
+        return F.embedding(rows.long(), self.tables.weight("user"), sparse=self.sparse_user_grad)
 
 
 def user_range(n_users: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -42,12 +57,58 @@ def user_range(n_users: int, rank: int, world_size: int) -> tuple[int, int]:
     return n_users * rank // world_size, n_users * (rank + 1) // world_size
 
 
-def build_student(n_users: int, n_items: int, dim: int, init_std: float, start: int, stop: int) -> Student:
-    """This rank's student, its rows initialised as in a one-process run (seed set by the caller)."""
-    whole = Student(n_users, n_items, dim, init_std=init_std)
+def build_student(n_users: int, n_items: int, dim: int, init_std: float, start: int, stop: int,
+                  generator: torch.Generator | None = None) -> Student:
+    """This rank's student: user rows [start, stop) and the item table, holding exactly the values
+    ``Student(n_users, n_items, dim)`` would hold in one process from the same generator (default:
+    torch's, seeded by the caller), without ever holding the whole user table.
+
+    ``Student(...)`` draws, in order: each table's ``nn.EmbeddingBag`` default init (N(0, 1), then
+    overwritten), users then items, then ``init_fn``'s N(0, init_std^2), users then items. The same
+    draws are replayed here in chunks (:func:`_draw_rows`), keeping only this rank's rows. Every rank
+    replays the whole sequence (the item table comes after all users in it): O(n_users x dim) time,
+    O(CHUNK_ROWS x dim) memory. tests/test_student.py checks the values against a whole build.
+    """
+    g = torch.default_generator if generator is None else generator
+    _draw_rows(n_users, dim, 1.0, (0, 0), g)               # nn.EmbeddingBag's own init of the user table
+    _draw_rows(n_items, dim, 1.0, (0, 0), g)               # ... and of the item table
+    users = _draw_rows(n_users, dim, init_std, (start, stop), g)
+    items = _draw_rows(n_items, dim, init_std, (0, n_items), g)
     student = Student(stop - start, n_items, dim, first_user=start, init_std=init_std)
-    student.load_state_dict(rows(whole.state_dict(), start, stop))
+    student.load_state_dict({USER_KEY: users, ITEM_KEY: items})
     return student
+
+
+def _draw_rows(n: int, dim: int, std: float, keep: tuple[int, int], generator: torch.Generator,
+               chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Rows ``keep`` of what ``torch.empty(n, dim).normal_(0, std, generator=generator)`` holds, drawn in
+    chunks of ``chunk`` rows, leaving the generator where that one call leaves it.
+
+    Why the chunks give the same numbers: for a contiguous float32 tensor of >= 16 values, torch's CPU
+    normal_ draws one uniform per value in order, turns them into normals in blocks of 16 (Box-Muller
+    within a block), and, when the size is not a multiple of 16, redraws 16 fresh uniforms for the last
+    16 values. Chunks of a multiple of 16 values (``chunk`` rows, a multiple of 16) start on block
+    boundaries and use the same uniforms; the last chunk (merged with its predecessor when it would hold
+    fewer than 16 values) ends the stream with the same redraw. A table of under 16 values is drawn
+    whole (torch's serial path).
+    """
+    assert chunk % 16 == 0
+    lo_keep, hi_keep = keep
+    out = torch.empty(max(hi_keep - lo_keep, 0), dim)
+    if n * dim < 16:
+        whole = torch.empty(n, dim).normal_(0.0, std, generator=generator)
+        return whole[lo_keep:hi_keep].clone()
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + chunk)
+        if (n - hi) * dim < 16:
+            hi = n
+        part = torch.empty(hi - lo, dim).normal_(0.0, std, generator=generator)
+        a, b = max(lo, lo_keep), min(hi, hi_keep)
+        if a < b:
+            out[a - lo_keep:b - lo_keep] = part[a - lo:b - lo]
+        lo = hi
+    return out
 
 
 def rows(state: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
