@@ -17,6 +17,9 @@ class DistillConfig:
     init_std: float = 0.01           # embeddings start as N(0, init_std^2), as in the authors' code
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    # adam: one dense Adam over both tables (every user row moves at every step: O(users) a step).
+    # rowwise_adam: the user table's rows in the batch only (distill/optim.py), the item table dense.
+    optimizer: Literal["adam", "rowwise_adam"] = "adam"
     batch_size: int = 1024           # train interactions per batch; their unique users form the loss batch
     batch_unit: Literal["interactions", "users"] = "interactions"   # users: batches of batch_size users, each once per epoch (KD only)
     max_epochs: int = 1000
