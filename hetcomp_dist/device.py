@@ -52,7 +52,7 @@ def resolve(name: str, key: str = "device") -> torch.device:
 
 def _why_no_cuda() -> str:
     if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU build; a GPU host installs requirements/gpu.lock: scripts/setup.sh --gpu"
+        return f"torch {torch.__version__} is a CPU build; on a GPU host: bash scripts/setup.sh --gpu"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU"
             + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""))

@@ -1,7 +1,10 @@
 """Collectives of the data-parallel distillation (no-ops in one process).
 
 Every rank of a distillation calls these at the same points of the loop, so each is a collective
-over the default process group (gloo, made by Ray Train or torchrun).
+over the default process group, made by Ray Train or torchrun with the backend of the loop's device
+(:func:`hetcomp_dist.device.backend`: gloo on the CPU, nccl on CUDA). NCCL moves only CUDA tensors
+and gloo is used here with CPU tensors, so each collective communicates on :func:`comm_device` and
+hands results back on the device its input came from.
 """
 
 from __future__ import annotations
@@ -19,39 +22,50 @@ def is_distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_over_ranks(x: Any) -> Any:
-    """The sum over ranks of a number or tensor."""
+    """The sum over ranks of a number or tensor (float64; a tensor comes back on its own device)."""
     if not is_distributed():
         return x
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    t = torch.as_tensor(x, dtype=torch.float64).to(comm_device()).clone()
     dist.all_reduce(t)
-    return t if isinstance(x, torch.Tensor) else t.item()
+    return t.to(x.device) if isinstance(x, torch.Tensor) else t.item()
 
 
 def all_reduce_grad(weight: torch.Tensor) -> None:
+    """Sum ``weight.grad`` over ranks in place (the weight lives on the loop's device, the group's own)."""
     if is_distributed():
         dist.all_reduce(weight.grad)
 
 
 def gather_cat(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (users in rank order), concatenated; on every rank."""
+    """Every rank's rows (users in rank order), concatenated; on every rank, on ``local``'s device."""
     if not is_distributed():
         return local.detach().clone()
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local.detach())
-    return torch.cat(parts)
+    # Pickled as CPU tensors: a pickled CUDA tensor would unpickle on the sender's GPU index, in another
+    # rank's process. (all_gather_object itself runs on comm_device: under nccl, the current GPU.)
+    dist.all_gather_object(parts, local.detach().cpu())
+    return torch.cat(parts).to(local.device)
 
 
 def all_reduce_ranking_sums(sums: RankingSums) -> RankingSums:
     """Evaluation sums over every rank's users (SUM for the sums, MAX for the coverage masks)."""
     if not is_distributed():
         return sums
+    device = comm_device()
     vector = torch.from_numpy(np.concatenate([[sums.n_users, sums.gap_profile, sums.n_profile],
-                                              sums.recall, sums.ndcg, sums.gap_rec, sums.arp]))
+                                              sums.recall, sums.ndcg, sums.gap_rec, sums.arp])).to(device)
     dist.all_reduce(vector)
-    covered = torch.from_numpy(sums.covered.astype(np.uint8))
+    covered = torch.from_numpy(sums.covered.astype(np.uint8)).to(device)
     dist.all_reduce(covered, op=dist.ReduceOp.MAX)
-    v, nk = vector.numpy(), len(sums.ks)
+    v, nk, covered = vector.cpu().numpy(), len(sums.ks), covered.cpu()
     return RankingSums(ks=sums.ks, n_users=int(round(v[0])), gap_profile=float(v[1]), n_profile=int(round(v[2])),
                        recall=v[3:3 + nk], ndcg=v[3 + nk:3 + 2 * nk], gap_rec=v[3 + 2 * nk:3 + 3 * nk],
                        arp=v[3 + 3 * nk:3 + 4 * nk], covered=covered.numpy().astype(bool))

@@ -9,6 +9,10 @@ Memory is bounded by one batch: B x n_items scores (the only large buffer), plus
 index arrays proportional to the batch's interactions and B x max(K) top-K results. Nothing is
 looped over in Python per user.
 
+Devices: the scores, their exclusion and the top-K stay on the scorer's device (a GPU's for a
+model on one); only the B x max(K) top-K lists come to the CPU, where the metrics are summed
+with numpy. Users are passed to the scorer as CPU tensors; scorers move them to their device.
+
 Sharding: :func:`evaluate_sums` returns a :class:`RankingSums` of additive sums over the users
 it saw; partial sums from disjoint user shards combine with :meth:`RankingSums.merge` (or an
 all-reduce: SUM for the sums, MAX/OR for the coverage masks) and :meth:`RankingSums.metrics`

@@ -84,11 +84,16 @@ def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclud
         sampled: 0 for the exact sum; m > 0 estimates it as (n_items - |exclude_u|) times the mean of
             e^{s} over m uniform samples (shared by the batch) that are not excluded for u: uniform
             proposal, so the log-Q correction is that one factor.
+        generator: draws the samples, on its own device (default: torch's generator of the embeddings'
+            device); ``exclude`` is on the embeddings' device.
     """
     if not sampled:
         return _ExcludedExpSum.apply(user_emb, item_weight, exclude, clamp, chunk)
     n_items = item_weight.shape[0]
-    sample = torch.randint(n_items, (sampled,), generator=generator)
+    # Drawn on the generator's device (a CPU generator: the same samples on every device), then moved.
+    sample = torch.randint(n_items, (sampled,), generator=generator,
+                           device=generator.device if generator is not None else item_weight.device)
+    sample = sample.to(item_weight.device)
     e = (user_emb @ item_weight[sample].T).clamp(-clamp, clamp).exp()       # [B, m]
     ordered = torch.sort(torch.where(exclude >= 0, exclude, n_items), dim=1).values
     pos = torch.searchsorted(ordered, sample.expand(len(ordered), -1).contiguous()).clamp_max(ordered.shape[1] - 1)

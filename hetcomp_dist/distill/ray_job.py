@@ -3,8 +3,8 @@
     hetcomp distill --ray --config configs/citeulike.yaml --set distill.workers=2
     ray job submit --working-dir . -- python jobs/distill.py --config configs/citeulike.yaml
 
-The driver prepares the dataset (if missing) and starts the trainer; each worker joins the gloo
-process group that Ray Train made and calls :func:`hetcomp_dist.distill.train.distill`, which
+The driver prepares the dataset (if missing) and starts the trainer; each worker joins the process
+group that Ray Train made and calls :func:`hetcomp_dist.distill.train.distill`, which
 splits the users by contiguous ranges over the ranks (see its module docstring: user rows local to
 their owner, the item table replicated with its gradient all-reduced, evaluation sums all-reduced,
 rank 0 writes). The driver reads the result from ``<out>/metrics.json``.
@@ -13,6 +13,13 @@ Fault tolerance: the loop writes ``<out>/checkpoints/epoch-N`` (with a manifest)
 worker dies, Ray Train restarts the whole worker group (``FailureConfig(max_failures=ray.max_failures)``)
 and the new workers resume from that checkpoint: our storage checkpoints, not Ray Train's, so a
 rerun by hand, a different worker count and the one-process path resume the same way.
+
+Device: the workers compute where ``distill.device`` says, read against their reservation
+(:func:`hetcomp_dist.device.under_reservation`): cuda exactly when ``distill.gpus_per_worker > 0``
+(``auto`` then means cuda; ``cuda`` without GPUs and ``cpu`` with GPUs are refused before any work).
+``use_gpu`` and the process group's backend follow (nccl on cuda, gloo on cpu), and a cuda worker's
+current CUDA device is its assigned GPU (``ray.train.torch.get_device()``), which is what
+``device.resolve`` gives the loop there.
 
 Placement: ``ray.placement_strategy`` (the workers' placement group: PACK, SPREAD, STRICT_*). Ray Train's
 own run folder: ``ray.train_storage_path`` (s3:// or a path every node shares; see :func:`train_storage`).
@@ -23,10 +30,11 @@ evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` doe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
-from hetcomp_dist import lineage, storage
+from hetcomp_dist import device, lineage, storage
 from hetcomp_dist.ray_cluster import init_ray
 from hetcomp_dist.run import RunConfig, ensure_dataset
 
@@ -47,6 +55,7 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
     """
     uris = cfg.layout.trajectories(cfg.teacher_names())
     out = cfg.student_uri()
+    cfg = workers_config(cfg)                          # the device checked before any work
     dataset_uri = ensure_dataset(cfg)
     train_path, train_fs = train_storage(storage_path or cfg.ray.train_storage_path, cfg.storage.endpoint_url)
     with lineage.student_output(out, dataset_uri, uris) as (held, identity):   # the driver holds <out>'s lease
@@ -65,15 +74,16 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distill
+    placed = workers_device(d)
     started = init_ray(cfg.ray)
     try:
         resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "teacher_uris": uris, "out": out,
-                               "hooks": list(hooks), "log_format": log_format, "lease": held, "dataset": identity},
-            # The loop computes on the CPU (gloo) even where GPUs are reserved: it is not moved to CUDA yet.
-            torch_config=TorchConfig(backend="gloo"),
+                               "hooks": list(hooks), "log_format": log_format, "lease": held, "dataset": identity,
+                               "device": placed},
+            torch_config=TorchConfig(backend=device.backend(placed)),
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
             run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=train_path, storage_filesystem=train_fs,
@@ -83,6 +93,26 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
     finally:
         if started:
             ray.shutdown()
+
+
+def workers_device(d: Any) -> str:
+    """The workers' device, cpu or cuda, from ``distill.device`` and ``distill.gpus_per_worker``.
+
+    A DistillConfig without a ``device`` setting is a loop that computes on the CPU: gloo, and any GPUs
+    reserved stay idle, as before the setting existed.
+    """
+    if not hasattr(d, "device"):
+        return "cpu"
+    return device.under_reservation(d.device, d.gpus_per_worker, "distill.device", "distill.gpus_per_worker")
+
+
+def workers_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``distill.device`` set to the workers' device (see :func:`workers_device`): a worker
+    resolves what the driver placed, never ``auto`` again on a node whose GPUs it did not reserve."""
+    placed = workers_device(cfg.distill)
+    if not hasattr(cfg.distill, "device"):
+        return cfg
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, device=placed))
 
 
 def train_storage(path: str | None, endpoint_url: str | None = None) -> tuple[str | None, Any]:
@@ -109,6 +139,8 @@ def train_storage(path: str | None, endpoint_url: str | None = None) -> tuple[st
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the distillation loop on this rank's users."""
     import ray.train
+    import ray.train.torch
+    import torch
 
     from hetcomp_dist.progress import Progress
 
@@ -117,6 +149,11 @@ def _worker(config: dict[str, Any]) -> None:
     cfg: RunConfig = config["cfg"]
     if cfg.storage.endpoint_url:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
+    if config.get("device") == "cuda":
+        device.resolve("cuda", "distill.device")           # one line if this worker's torch sees no GPU
+        # Ray Train sets it too (when torch sees a GPU); set here so the loop's resolve("cuda") is this
+        # worker's assigned GPU whatever Ray does, and nccl's object collectives use it.
+        torch.cuda.set_device(ray.train.torch.get_device())
     rank = ray.train.get_context().get_world_rank()
 
     d = cfg.distill

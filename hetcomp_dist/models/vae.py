@@ -38,7 +38,8 @@ def csr_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) ->
 
 
 def bag_inputs(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, dropout: float, training: bool,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The L2-normalised binary vectors of ``rows`` (of the CSR ``indptr``/``indices``) as weighted bags,
     with input dropout, on the CSR's device (``generator``, if given, must be on it too).
 

@@ -1,7 +1,10 @@
 """Train all teachers of a run: one Ray actor each, concurrently (or one after another without Ray).
 
 The training itself is :func:`hetcomp_dist.teachers.train.train_teacher` either way. Each actor asks
-Ray for its teacher's ``cpus`` / ``gpus``. If an actor's process dies, Ray restarts it
+Ray for its teacher's ``cpus`` / ``gpus``, and trains on a GPU exactly when it reserved one
+(:func:`hetcomp_dist.device.under_reservation`: ``device: auto`` with ``gpus: 0`` is the CPU, ``cuda``
+with ``gpus: 0`` is refused before any work). Without Ray, each teacher's ``device`` is resolved on this
+host before any work. If an actor's process dies, Ray restarts it
 (``ray.max_restarts``) and retries its ``train`` call, which resumes from the teacher's last
 checkpoint. Actors push progress events to a small event-box actor that the driver polls and prints.
 
@@ -20,6 +23,7 @@ from typing import Any, Callable
 
 from hetcomp_dist import lineage, storage
 from hetcomp_dist.config import ConfigError, to_dict
+from hetcomp_dist.device import resolve, under_reservation
 from hetcomp_dist.progress import TeacherProgress
 from hetcomp_dist.ray_cluster import init_ray
 from hetcomp_dist.run import RunConfig, ensure_dataset
@@ -56,8 +60,10 @@ class TeacherActor:
         def report(event: Event) -> None:  # waits for the box, so every event is in before train() returns
             ray.get(events.push.remote({**event, "pid": os.getpid()}))
 
+        at = _where(cfg, teacher)
+        device = resolve(under_reservation(teacher.device, teacher.gpus, f"{at}.device", f"{at}.gpus"), f"{at}.device")
         return train_teacher(teacher, dataset_uri, cfg.layout.teacher(teacher.name), cfg.trajectory,
-                             tuple(cfg.ks), cfg.eval_batch_size, report)
+                             tuple(cfg.ks), cfg.eval_batch_size, report, device)
 
 
 class EventBox:
@@ -100,6 +106,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     names = [t.name for t in cfg.teachers]
     if not names:
         raise ConfigError("no teachers in the config (teachers: [...])")
+    devices = _check_devices(cfg, sequential)
     if cfg.storage.endpoint_url:
         storage.configure(endpoint_url=cfg.storage.endpoint_url)
     report = report or TeacherProgress(cfg.teachers, cfg.layout.tensorboard)
@@ -115,7 +122,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     if sequential:
         for t in todo:
             results[t.name] = train_teacher(t, dataset_uri, cfg.layout.teacher(t.name), cfg.trajectory,
-                                            tuple(cfg.ks), cfg.eval_batch_size, report)
+                                            tuple(cfg.ks), cfg.eval_batch_size, report, devices[t.name])
     elif todo:
         results.update(_train_on_ray(cfg, todo, dataset_uri, report))
 
@@ -124,6 +131,25 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
                              config=to_dict(cfg)) as out:
         out.write_json("summary.json", summaries)
     return summaries
+
+
+def _where(cfg: RunConfig, teacher: TeacherConfig) -> str:
+    """The teacher's config path, for errors: ``teachers[i]``."""
+    return f"teachers[{[t.name for t in cfg.teachers].index(teacher.name)}]"
+
+
+def _check_devices(cfg: RunConfig, sequential: bool) -> dict[str, Any]:
+    """Each teacher's device, checked before any work: without Ray resolved on this host (``cuda`` where
+    torch sees no GPU is an error); as Ray actors checked against their GPU reservation (the actor resolves
+    it where it runs, and a local Ray instance's GPU count is checked when it starts)."""
+    devices = {}
+    for t in cfg.teachers:
+        at = _where(cfg, t)
+        if sequential:
+            devices[t.name] = resolve(t.device, f"{at}.device")
+        else:
+            devices[t.name] = under_reservation(t.device, t.gpus, f"{at}.device", f"{at}.gpus")
+    return devices
 
 
 def _finished_summary(cfg: RunConfig, teacher: TeacherConfig,

@@ -18,12 +18,14 @@ from hetcomp_dist.teachers.config import TeacherConfig
 from hetcomp_dist.teachers.train import latest_checkpoint
 
 
-def load_teacher(cfg: TeacherConfig, run: str, data: Dataset, best: bool = True) -> torch.nn.Module:
+def load_teacher(cfg: TeacherConfig, run: str, data: Dataset, best: bool = True,
+                 device: torch.device | None = None) -> torch.nn.Module:
     """The teacher ``cfg`` of run ``run`` with its stored weights, in eval mode.
 
     Args:
         data: the run's dataset (autoencoders and LightGCN score from the train interactions).
         best: the best valid epoch's weights (default), else the last epoch's.
+        device: where to load it (default: the CPU); checkpoints hold CPU tensors, so any device loads them.
     Raises:
         StorageError: no complete checkpoint under ``<run>/teachers/<name>/checkpoints``.
     """
@@ -32,7 +34,7 @@ def load_teacher(cfg: TeacherConfig, run: str, data: Dataset, best: bool = True)
     state = latest_checkpoint(where)
     if state is None:
         raise StorageError(f"teacher {cfg.name!r}: no complete checkpoint under {where}")
-    model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
+    model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params, device)
     model.load_state_dict(state["best_model"] if best and state.get("best_model") is not None else state["model"])
     return model.eval()
 
