@@ -16,12 +16,21 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # Build tools first, pinned: venv's bundled pip/setuptools are too old to build this package
 # editable without isolation, and `pip freeze` (the lock) leaves them out.
 "${pip[@]}" pip==25.3 setuptools==84.2.1
+# fbgemm_gpu-cpu and fbgemm_gpu install the same files under different names: pip would keep both and
+# uninstalling one later breaks the other. Switching a .venv between the locks removes the other first.
 if [[ $gpu == 0 ]]; then
+  .venv/bin/python -m pip uninstall --quiet --yes fbgemm_gpu 2>/dev/null || true
   "${pip[@]}" --no-deps -r requirements/cpu.lock
 else
   # GPU hosts: cpu.lock's pins with the CUDA torch/fbgemm-gpu pair and their nvidia-* runtime
-  # wheels, resolved once into gpu.lock (fbgemm-gpu 1.8.0 is built for torch 2.13 only).
+  # wheels, resolved once into gpu.lock (fbgemm-gpu 1.8.0 is built for torch 2.13 only; both are
+  # CUDA 13.0 builds, which need an NVIDIA driver of the 580 series or newer).
+  .venv/bin/python -m pip uninstall --quiet --yes fbgemm_gpu-cpu 2>/dev/null || true
   "${pip[@]}" --no-deps -r requirements/gpu.lock
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray, pyarrow, s3fs; print(f"stack ok: torch {torch.__version__}, torchrec, ray {ray.__version__}, pyarrow {pyarrow.__version__}")'
+if [[ $gpu == 1 ]]; then
+  # Informative, not a failure: the lock also installs on a host without a GPU (an image build).
+  .venv/bin/python -c 'import torch; print(f"cuda: torch built for CUDA {torch.version.cuda}; " + (f"GPU visible: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU visible here"))'
+fi
