@@ -256,3 +256,106 @@ def test_streamed_targets_equal_the_in_memory_ones(run):
     assert torch.equal(small.observed, whole.observed)
     per_user = small.state_bytes() / data.n_users
     assert per_user < lists[0].numel() * 4 / 2          # well under the trajectories it no longer holds
+
+
+def test_epoch_batches_split_each_global_batch_among_ranks():
+    """Every rank gets its own units of each global batch, at their positions; together the ranks'
+    parts are exactly the global batches of one process."""
+    from hetcomp_dist.distill.objectives import epoch_batches
+
+    n, size, ranges = 103, 10, [(0, 40), (40, 41), (41, 103)]
+    whole = list(epoch_batches(np.random.default_rng([0, 3]), n, (0, n), size))
+    assert [len(b.units) for b in whole] == [10] * 10 + [3] and all(b.size == len(b.units) for b in whole)
+    parts = [list(epoch_batches(np.random.default_rng([0, 3]), n, r, size)) for r in ranges]
+    for b, batch in enumerate(whole):
+        rebuilt = np.full(batch.size, -1)
+        for (lo, _), rank in zip(ranges, parts):
+            assert rank[b].size == batch.size
+            rebuilt[rank[b].positions] = rank[b].units + lo
+        assert np.array_equal(rebuilt, batch.units)
+
+
+def test_kd_objective_on_slices_adds_up_to_the_whole(run):
+    """Two 'ranks' each on their slice of the dataset (no process group): their losses on their parts of
+    a global batch add up to the one-process loss, and their user-row gradients are its rows."""
+    from hetcomp_dist.distill.objectives import KDObjective, epoch_batches
+    from hetcomp_dist.distill.student import build_student
+    from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+    ds_uri, uris, _ = run
+    cfg = _cfg("hetcomp")
+    whole = load_dataset(ds_uri)
+    objectives, students = [], []
+    for start, stop in ((0, whole.n_users), (0, 25), (25, whole.n_users)):
+        data = load_dataset(ds_uri) if stop - start == whole.n_users else load_dataset(ds_uri, users=(start, stop))
+        torch.manual_seed(cfg.seed)
+        students.append(build_student(whole.n_users, whole.n_items, cfg.dim, cfg.init_std, start, stop))
+        objectives.append(KDObjective(cfg, data, students[-1], TrajectoryReader(uris), start, stop, 0))
+    for objective in objectives:
+        objective.start_epoch()
+    assert objectives[1].n_units == objectives[0].n_units == whole.train.nnz
+    assert torch.equal(torch.cat([objectives[1].targets, objectives[2].targets]), objectives[0].targets)
+    batches = [next(iter(epoch_batches(np.random.default_rng(1), o.n_units, o.unit_range, 64))) for o in objectives]
+    losses = [o.loss(b, np.random.default_rng(2)) for o, b in zip(objectives, batches)]
+    assert (losses[1] + losses[2]).item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    grads = [s.tables.weight("user").grad for s in students]
+    torch.testing.assert_close(torch.cat(grads[1:]), grads[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs their slice"):
+        KDObjective(cfg, whole, students[1], TrajectoryReader(uris), 0, 25, 0)
+
+
+def test_rowwise_adam_distils_and_resumes_from_its_shards(run, tmp_path):
+    """distill.optimizer=rowwise_adam: the per-row state goes to the rank's shard (the item table's Adam to
+    shared.pt), a rerun resumes it, and the student distils as the dense one does."""
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20, "optimizer": "rowwise_adam"})
+
+    def crash_after_10(event):
+        if event.get("epoch") == 10 and "valid" in event:
+            raise _Crash
+
+    out = str(tmp_path / "rowwise")
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, out, ks=(10,), report=crash_after_10)
+    uri = storage.join(out, "checkpoints", "epoch-000010")
+    local = torch.load(io.BytesIO(storage.read_bytes(uri, "rank-00000-of-00001.pt")), weights_only=True)
+    shared = torch.load(io.BytesIO(storage.read_bytes(uri, "shared.pt")), weights_only=True)
+    n_users = load_dataset(ds_uri).n_users
+    assert local["row_step"].shape == (n_users,) and local["row_step"].min() > 0 and local["exp_avg"].shape == (n_users, 8)
+    assert list(shared["optimizer"]["state"]) == [0] and shared["optimizer"]["state"][0]["exp_avg"].shape[0] == N_ITEMS
+    resumed = distill(ds_uri, uris, cfg, out, ks=(10,))
+    straight = distill(ds_uri, uris, cfg, str(tmp_path / "straight"), ks=(10,))
+    assert resumed["resumed_from"] == [10] and resumed["optimizer"] == "rowwise_adam"
+    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.02)
+    dense = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "optimizer": "adam"}), str(tmp_path / "dense"), ks=(10,))
+    assert straight["test"]["recall@10"] == pytest.approx(dense["test"]["recall@10"], abs=0.1)
+    # a checkpoint of the other optimizer is not resumed: its moments mean something else
+    assert distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "optimizer": "adam", "max_epochs": 10}), out,
+                   ks=(10,))["resumed_from"] == []
+
+
+def test_refresh_warm_start_resumes_under_rowwise_adam(run, tmp_path):
+    """refresh's warm start writes a whole checkpoint with a two-table Adam state under any settings;
+    rowwise_adam resumes it (the items' state to their Adam, fresh per-row state)."""
+    from hetcomp_dist.distill.student import ITEM_KEY, USER_KEY
+    from hetcomp_dist.refresh import grow
+
+    ds_uri, uris, _ = run
+    data = load_dataset(ds_uri)
+    cfg = DistillConfig(**{**_cfg("final_ensemble").__dict__, "max_epochs": 5, "optimizer": "rowwise_adam"})
+    old = {USER_KEY: torch.zeros(data.n_users - 5, cfg.dim), ITEM_KEY: torch.zeros(data.n_items, cfg.dim)}
+    out = str(tmp_path / "warm")
+    grow.warm_student(cfg, data, old, len(uris), 4, out)
+    metrics = distill(ds_uri, uris, cfg, out, ks=(10,))
+    assert metrics["resumed_from"] == [0] and metrics["epochs"] == 5
+
+
+def test_optimizer_setting_is_strict():
+    from hetcomp_dist import config
+
+    assert config.from_dict(DistillConfig, {"optimizer": "rowwise_adam"}).optimizer == "rowwise_adam"
+    assert DistillConfig().optimizer == "adam"
+    with pytest.raises(config.ConfigError, match="optimizer"):
+        config.from_dict(DistillConfig, {"optimizer": "sgd"}, "x.yaml")

@@ -1,5 +1,6 @@
 """Sharded distillation checkpoints resume under another worker count (2 -> 1 and 1 -> 2), with two
-real gloo processes; the synthetic run of tests/test_distill.py."""
+real gloo processes, for both optimizers (dense Adam, and RowwiseAdam with its per-row state in the
+shards); the synthetic run of tests/test_distill.py. Each worker loads only its users' slice."""
 
 from __future__ import annotations
 
@@ -64,28 +65,33 @@ def _two_ranks(cfg: DistillConfig, ds: str, uris: list[str], out: str, crash: in
     return codes
 
 
-def _config() -> DistillConfig:
-    return DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20})
+def _config(optimizer: str = "adam") -> DistillConfig:
+    return DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20, "optimizer": optimizer})
+
+
+OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam"])
 
 
 class _Crash(Exception):
     pass
 
 
-def test_two_workers_then_one(run, tmp_path):  # noqa: F811
+@OPTIMIZERS
+def test_two_workers_then_one(run, tmp_path, optimizer):  # noqa: F811
     ds, uris, _ = run
     out = str(tmp_path / "out")
-    assert _two_ranks(_config(), ds, uris, out, 10, tmp_path / "r.json") == [3, 3]
+    assert _two_ranks(_config(optimizer), ds, uris, out, 10, tmp_path / "r.json") == [3, 3]
     shards = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "epoch-000010").glob("rank-*"))
     assert shards == ["rank-00000-of-00002.pt", "rank-00001-of-00002.pt"]          # nothing gathered
-    resumed = distill(ds, uris, _config(), out, ks=(10, 20))
-    straight = distill(ds, uris, _config(), str(tmp_path / "straight"), ks=(10, 20))
+    resumed = distill(ds, uris, _config(optimizer), out, ks=(10, 20))
+    straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 1
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
     assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.03)
 
 
-def test_one_worker_then_two(run, tmp_path):  # noqa: F811
+@OPTIMIZERS
+def test_one_worker_then_two(run, tmp_path, optimizer):  # noqa: F811
     ds, uris, _ = run
     out = str(tmp_path / "out")
 
@@ -94,8 +100,15 @@ def test_one_worker_then_two(run, tmp_path):  # noqa: F811
             raise _Crash
 
     with pytest.raises(_Crash):
-        distill(ds, uris, _config(), out, ks=(10, 20), report=crash)
-    assert _two_ranks(_config(), ds, uris, out, 0, tmp_path / "r.json") == [0, 0]
+        distill(ds, uris, _config(optimizer), out, ks=(10, 20), report=crash)
+    assert _two_ranks(_config(optimizer), ds, uris, out, 0, tmp_path / "r.json") == [0, 0]
     resumed = json.loads((tmp_path / "r.json").read_text())
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 2
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
+    straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
+    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.03)
+    # each worker holds about half of what one process holds: its users' data, rows and state
+    (whole,), halves = straight["rank_bytes"], resumed["rank_bytes"]
+    assert len(halves) == 2 and all(h["student"] == halves[0]["student"] for h in halves)
+    for part in ("data", "objective"):             # (plus the item-side arrays every worker holds whole)
+        assert all(h[part] < 0.75 * whole[part] for h in halves), (part, halves, whole)

@@ -5,13 +5,17 @@
   T_u and the observed ranking P_u, with DKC moving each (user, teacher) pair along its trajectory
   (``final_ensemble`` starts every pair at the final stage: no DKC, L_R from the start).
 
-Each objective gives the epoch's units (train interactions, or users), the loss of one global batch
-restricted to this rank's users, its phase, and what a checkpoint must keep.
+Each objective gives the epoch's units (train interactions, or users: ``n_units`` over every rank,
+and the contiguous range ``unit_range`` of them that belong to this rank's users), the loss of one
+global batch restricted to this rank's users (:class:`Batch`, from :func:`epoch_batches`), its phase,
+and what a checkpoint must keep. Both work on a dataset slice holding only the rank's users
+(``load_dataset(uri, users=...)``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,29 +32,74 @@ from hetcomp_dist.models import sampling
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
 
+@dataclass(frozen=True)
+class Batch:
+    """This rank's part of one global batch: its units (0 = the rank's first unit) in batch order, their
+    positions within the global batch, and the global batch's size."""
+
+    units: np.ndarray
+    positions: np.ndarray
+    size: int
+
+
+def epoch_batches(rng: np.random.Generator, n_units: int, unit_range: tuple[int, int],
+                  batch_size: int) -> Iterator[Batch]:
+    """The epoch's global batches (``rng.permutation(n_units)`` in slices of ``batch_size``: the same on
+    every rank, whatever the number of ranks), each as this rank's part of it.
+
+    The permutation over every rank's units is the one O(all units) array (8 bytes per unit) a rank
+    builds; it lives only until this rank's units are picked out of it, before the first batch.
+    """
+    order = rng.permutation(n_units)
+    lo, hi = unit_range
+    mine = np.flatnonzero((order >= lo) & (order < hi))          # positions in the epoch, ascending
+    units = order[mine] - lo
+    del order
+    firsts = np.arange(0, n_units, batch_size)
+    bounds = np.searchsorted(mine, np.append(firsts, n_units))
+    for b, first in enumerate(firsts):
+        a, z = bounds[b], bounds[b + 1]
+        yield Batch(units[a:z], mine[a:z] - first, int(min(batch_size, n_units - first)))
+
+
 class BPRObjective:
     """BPR with one uniform negative per train interaction of this rank's users."""
 
     phase = "bpr"
 
     def __init__(self, data: Dataset, student: Student, start: int, stop: int):
+        _check_held(data, start, stop)
         self.student, self.start, self.stop = student, start, stop
-        self.users, self.items = data.train.users(), data.train.indices
+        self.users, self.items = data.train.users(), data.train.indices       # this rank's interactions
         self.index = sampling.PairIndex(data.train)
-        self.n_units = data.train.nnz
+        self.n_units = data.train.total_nnz
+        self.unit_range = (data.train.first_nnz, data.train.first_nnz + data.train.nnz)
 
-    def loss(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        batch_users = self.users[rows]
-        own = (batch_users >= self.start) & (batch_users < self.stop)
-        neg = sampling.negatives(self.index, batch_users, rng)[own]      # drawn for the global batch
-        rows = rows[own]
-        if not len(rows):
+    def loss(self, batch: Batch, rng: np.random.Generator) -> torch.Tensor:
+        users = self.users[batch.units]
+        neg = self._negatives(users, batch, rng)          # drawn for the global batch, on every rank
+        if not len(users):
             return torch.zeros(())
-        u = torch.from_numpy(self.users[rows].astype(np.int64))
-        pos = torch.from_numpy(self.items[rows].astype(np.int64))
-        e = self.student.tables(user=u - self.start, item=torch.cat([pos, torch.from_numpy(neg.astype(np.int64))]))
-        p_e, n_e = e["item"].chunk(2)
-        return -F.logsigmoid((e["user"] * p_e).sum(-1) - (e["user"] * n_e).sum(-1)).sum() / len(own)
+        pos = torch.from_numpy(self.items[batch.units].astype(np.int64))
+        u_e = self.student.user_rows(torch.from_numpy(users.astype(np.int64)) - self.start)
+        p_e, n_e = self.student.tables(item=torch.cat([pos, torch.from_numpy(neg.astype(np.int64))]))["item"].chunk(2)
+        return -F.logsigmoid((u_e * p_e).sum(-1) - (u_e * n_e).sum(-1)).sum() / batch.size
+
+    def _negatives(self, users: np.ndarray, batch: Batch, rng: np.random.Generator) -> np.ndarray:
+        """:func:`sampling.negatives` for the whole global batch, of which this rank knows only its own
+        users: whether a draw hit a positive is summed over ranks, so every rank redraws the same
+        positions from the same ``rng`` (one process: exactly ``sampling.negatives``)."""
+        n_items = self.index.n_items
+        items = rng.integers(0, n_items, batch.size)
+        for _ in range(3):
+            hit = np.zeros(batch.size, dtype=bool)
+            hit[batch.positions] = self.index.contains(users, items[batch.positions])
+            if distributed.is_distributed():
+                hit = distributed.sum_over_ranks(torch.from_numpy(hit.astype(np.float64))).numpy() > 0
+            if not hit.any():
+                break
+            items[hit] = rng.integers(0, n_items, int(hit.sum()))
+        return items[batch.positions]
 
     def start_epoch(self) -> None:
         pass
@@ -67,6 +116,10 @@ class BPRObjective:
     def info(self) -> dict[str, Any] | None:
         return None
 
+    def resident_bytes(self) -> int:
+        """This rank's own arrays (the users of its interactions and their sorted keys)."""
+        return int(self.users.nbytes + self.index.keys.nbytes)
+
 
 class KDObjective:
     """AKT on targets built from the teachers' trajectories at each pair's DKC stage.
@@ -78,6 +131,7 @@ class KDObjective:
 
     def __init__(self, cfg: DistillConfig, data: Dataset, student: Student, reader: TrajectoryReader,
                  start: int, stop: int, rank: int, block: int = 65536):
+        _check_held(data, start, stop)
         self.cfg, self.data, self.student, self.reader = cfg, data, student, reader
         self.start, self.stop, self.block, self.n_users = start, stop, block, data.n_users
         self.n_stages = reader.n_snapshots
@@ -93,9 +147,8 @@ class KDObjective:
         self.targets = torch.empty(stop - start, cfg.target_size, dtype=torch.int32)
         self.weights = torch.ones(self.targets.shape) if (cfg.dissensus_weight or cfg.ipw) else None
         self._rebuild(torch.arange(stop - start))
-        self.units = np.flatnonzero(data.train.counts() > 0) if cfg.batch_unit == "users" else None
-        self.n_units = data.train.nnz if self.units is None else len(self.units)
-        self.train_users = data.train.users()
+        self.units, self.n_units, self.unit_range = _units(cfg, data, rank)
+        self.train_users = data.train.users()                     # this rank's interactions (global users)
         self.sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
         self.phase = "L_O"
@@ -136,8 +189,7 @@ class KDObjective:
             return None, None
         cfg, data, reader = self.cfg, self.data, self.reader
         values = teacher_weights.valid_metrics(reader.manifests, reader.uris, cfg.select_metric)
-        users = data.eval_users()
-        users = users[(users >= self.start) & (users < self.stop)]
+        users = data.eval_users()                                 # this rank's (its slice's)
         k = int(cfg.select_metric.rsplit("@", 1)[1])
 
         def valid_of(weights: torch.Tensor) -> float:
@@ -159,15 +211,14 @@ class KDObjective:
         """Each teacher's mean stage over every rank's users (float64: the switch rule rounds it)."""
         return (distributed.sum_over_ranks(self.stage.double().sum(0)) / self.n_users).tolist()
 
-    def loss(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        batch_users = self.train_users[rows] if self.units is None else self.units[rows]
-        own = (batch_users >= self.start) & (batch_users < self.stop)
-        if not own.any():
+    def loss(self, batch: Batch, rng: np.random.Generator) -> torch.Tensor:
+        batch_users = self.train_users[batch.units] if self.units is None else self.units[batch.units]
+        if not len(batch_users):
             return torch.zeros(())
-        users = np.unique(batch_users[own])
+        users = np.unique(batch_users)
         local = torch.from_numpy(users.astype(np.int64)) - self.start
         p, t, cfg = self.observed[local].long(), self.targets[local].long(), self.cfg
-        u_emb = self.student.tables(user=local)["user"]
+        u_emb = self.student.user_rows(local)
         items = self.student.tables.weight("item")
         exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)), t], 1)   # N_u \ T_u is the rest
         rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler)
@@ -223,6 +274,14 @@ class KDObjective:
             tensors.append(self.weights)
         return int(distributed.sum_over_ranks(sum(t.numel() * t.element_size() for t in tensors)))
 
+    def resident_bytes(self) -> int:
+        """This rank's own: the state above, the users of its interactions (or its user units), and the
+        item-side arrays of the target builder."""
+        tensors = [self.targets, self.observed, self.stage, self.last, self.build.pop, self.build.item_counts]
+        tensors += [self.weights] if self.weights is not None else []
+        arrays = [self.train_users] + ([self.units] if self.units is not None else [])
+        return int(sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays))
+
 
 class StoredListScorer:
     """An ensemble scorer over global user ids that reads the lists it needs from storage per batch:
@@ -240,6 +299,28 @@ class StoredListScorer:
             lists = self.reader.lists_at(lo, hi, torch.full((hi - lo, self.reader.n_teachers), self.stage))
         scorer = ListScorer(lists[users - lo], self.n_items, self.temperature, self.weights)
         return shifted_scorer(scorer, 0)(torch.arange(len(users)))
+
+
+def _check_held(data: Dataset, start: int, stop: int) -> None:
+    """The data must hold exactly the rank's users: its units are what the data holds."""
+    if data.held_users != (start, stop):
+        raise ValueError(f"the objective of users [{start}, {stop}) needs their slice of the dataset, "
+                         f"not users {list(data.held_users)}")
+
+
+def _units(cfg: DistillConfig, data: Dataset, rank: int) -> tuple[np.ndarray | None, int, tuple[int, int]]:
+    """(this rank's user units or None for interactions, units over every rank, this rank's unit range).
+
+    Train interactions: the rank's users own a contiguous run of the whole split's CSR order, which its
+    slice knows. Users with a train item: ranks hold contiguous users in rank order, so the rank's units
+    follow every lower rank's (a count per rank, gathered once).
+    """
+    if cfg.batch_unit != "users":
+        return None, data.train.total_nnz, (data.train.first_nnz, data.train.first_nnz + data.train.nnz)
+    units = np.flatnonzero(data.train.held_counts() > 0) + data.train.first_user
+    counts = distributed.gather_cat(torch.tensor([len(units)], dtype=torch.int64))
+    first = int(counts[:rank].sum())
+    return units, int(counts.sum()), (first, first + len(units))
 
 
 def build_objective(cfg: DistillConfig, data: Dataset, student: Student, teacher_uris: list[str],

@@ -6,15 +6,20 @@ processes in the default process group (Ray Train's TorchTrainer, see
 :mod:`hetcomp_dist.distill.ray_job`, or torchrun), rank r owns the users [start, stop)
 (:func:`~hetcomp_dist.distill.student.user_range`):
 
-- its student holds those user rows and the whole item table (distill/student.py);
-- every rank draws the same global batches (an RNG seeded by (seed, epoch)) and keeps the rows of
-  its own users; it reads only its users' part of the trajectories;
+- it loads only those users' interactions (``load_dataset(uri, users=(start, stop))``, by Parquet row
+  group; one process loads the whole dataset) and reads only their part of the trajectories;
+- its student holds those user rows and the whole item table (distill/student.py), drawn as one
+  process draws them, without the whole user table ever being built;
+- every rank draws the same global batches (an RNG seeded by (seed, epoch)) and keeps its own part
+  of each (:func:`~hetcomp_dist.distill.objectives.epoch_batches`);
 - the loss is a sum over users, so the item-table gradient is all-reduced with SUM before Adam's
   step: one W-process step equals one single-process step on the same global batch;
+- ``distill.optimizer``: ``adam`` steps both tables densely (every user row, every step);
+  ``rowwise_adam`` steps only the user rows of the batch (distill/optim.py), the item table densely;
 - evaluation sums are all-reduced, so every rank takes the same stopping and DKC decisions;
-- after every evaluation rank 0 writes a checkpoint (loop.Checkpointer under ``<out>/checkpoints``,
-  gathered from all ranks); a restarted run resumes from it with any number of workers. The
-  checkpoints are removed once the outputs are written.
+- after every evaluation every rank writes its own rows of a checkpoint (loop.Checkpointer under
+  ``<out>/checkpoints``, nothing gathered); a restarted run resumes from it with any number of
+  workers. The checkpoints are removed once the outputs are written.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import torch
 import torch.distributed as dist
 
 from hetcomp_dist import config, distributed, storage
-from hetcomp_dist.data.dataset import Dataset, load_dataset
+from hetcomp_dist.data.dataset import Dataset, dataset_meta, load_dataset
 from hetcomp_dist.distill import baselines, dissensus
 from hetcomp_dist.distill.config import DistillConfig
-from hetcomp_dist.distill.objectives import StoredListScorer, build_objective
+from hetcomp_dist.distill.objectives import StoredListScorer, build_objective, epoch_batches
+from hetcomp_dist.distill.optim import RowwiseAdam
 from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_rows, optimizer_rows,
                                           rows, user_range)
 from hetcomp_dist.loop import Checkpointer, Stopping
@@ -55,7 +61,7 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run = _Run(cfg, load_dataset(dataset_uri), teacher_uris, ks)
+    run = _Run(cfg, load_rank_dataset(dataset_uri), teacher_uris, ks)
     run.resume(checkpointer(out, cfg), report)
     first = cfg.max_epochs + 1 if run.stopping.done else run.epoch + 1     # a resumed run that had stopped
     for epoch in range(first, cfg.max_epochs + 1):
@@ -77,6 +83,18 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     return metrics
 
 
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def load_rank_dataset(uri: str) -> Dataset:
+    """This rank's slice of the dataset (its ``user_range``); one process: the whole, sha256-verified."""
+    rank, world = _rank_world()
+    if world == 1:
+        return load_dataset(uri)
+    return load_dataset(uri, users=user_range(int(dataset_meta(uri)["n_users"]), rank, world))
+
+
 def checkpointer(out: str, cfg: DistillConfig) -> Checkpointer:
     """The student's checkpoints: resumed under the same settings (config.compatible, RESUMABLE_IGNORES aside)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_IGNORES}
@@ -89,14 +107,14 @@ class _Run:
 
     def __init__(self, cfg: DistillConfig, data: Dataset, teacher_uris: list[str], ks: tuple[int, ...]):
         self.cfg, self.data, self.teacher_uris, self.ks = cfg, data, teacher_uris, ks
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.rank, self.world = _rank_world()
         self.start, self.stop = user_range(data.n_users, self.rank, self.world)
+        if data.held_users != (self.start, self.stop):
+            raise ValueError(f"rank {self.rank} of {self.world} owns users [{self.start}, {self.stop}), "
+                             f"the dataset holds {list(data.held_users)}")
         self.student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, self.start, self.stop)
-        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        for p in self.student.parameters():                       # kept (zeroed, not freed) between steps:
-            p.grad = torch.zeros_like(p)                          # every rank all-reduces and steps every batch
-        users = data.eval_users()
-        self.eval_users = users[(users >= self.start) & (users < self.stop)]
+        self.optimizer, self.rows = _optimizers(cfg, self.student)
+        self.eval_users = data.eval_users()                       # the slice's own
         self.objective = build_objective(cfg, data, self.student, teacher_uris, self.start, self.stop, self.rank)
         self.stopping = Stopping(cfg.patience, 0.0, cfg.max_train_seconds)
         self.epoch, self.best_state, self.history, self.progress, self.resumes = 0, None, [], [], []
@@ -123,8 +141,14 @@ class _Run:
         self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: shared["item"]})
         self.best_state = {USER_KEY: local["best_user"], ITEM_KEY: shared["best_item"]}
         optimizer = shared["optimizer"]
-        optimizer["state"][0] = {**optimizer["state"][0], "exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"]}
-        self.optimizer.load_state_dict(optimizer)
+        if self.rows is not None:                 # rowwise_adam: the items' Adam, the user rows' own state
+            self.optimizer.load_state_dict(optimizer)
+            self.rows.load_state_dict({"exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"],
+                                       "step": local["row_step"]})
+        else:
+            optimizer["state"][0] = {**optimizer["state"][0], "exp_avg": local["exp_avg"],
+                                     "exp_avg_sq": local["exp_avg_sq"]}
+            self.optimizer.load_state_dict(optimizer)
         self.objective.load_state_dict({"stage": local["stage"], "last": local["last"]})
         return shared
 
@@ -132,7 +156,11 @@ class _Run:
         start, stop = self.start, self.stop
         self.student.load_state_dict(rows(state["student"], start, stop))
         self.best_state = rows(state["best_state"], start, stop)
-        self.optimizer.load_state_dict(optimizer_rows(state["optimizer"], start, stop))
+        optimizer = optimizer_rows(state["optimizer"], start, stop)
+        if self.rows is None:
+            self.optimizer.load_state_dict(optimizer)
+        else:
+            _load_dense_into_rowwise(optimizer, self.optimizer, self.rows)
         self.objective.load_state_dict({"stage": state["stage"][start:stop], "last": state["last"][start:stop]})
         return state
 
@@ -140,18 +168,21 @@ class _Run:
         """One pass over the epoch's global batches; returns the epoch event."""
         self.student.train()
         self.objective.start_epoch()
-        rng = np.random.default_rng([self.cfg.seed, epoch])
-        order = rng.permutation(self.objective.n_units)        # the same on every rank
+        rng = np.random.default_rng([self.cfg.seed, epoch])     # the same batches on every rank
         item_weight = self.student.tables.weight("item")
         total, before = 0.0, self.stopping.train_seconds
         with self.stopping.timing("train"):
-            for lo in range(0, len(order), self.cfg.batch_size):
-                loss = self.objective.loss(order[lo:lo + self.cfg.batch_size], rng)
+            for batch in epoch_batches(rng, self.objective.n_units, self.objective.unit_range, self.cfg.batch_size):
+                loss = self.objective.loss(batch, rng)
                 self.optimizer.zero_grad(set_to_none=False)
+                if self.rows is not None:
+                    self.rows.zero_grad()
                 if loss.requires_grad:
                     loss.backward()
                 distributed.all_reduce_grad(item_weight)          # items: the sum of every rank's users
                 self.optimizer.step()
+                if self.rows is not None:
+                    self.rows.step()                              # the batch's user rows only
                 total += loss.item()
         self.epoch = epoch
         return {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(total),
@@ -181,12 +212,16 @@ class _Run:
         if self.checkpoints is None:
             return
         optimizer = self.optimizer.state_dict()
-        user_moments = optimizer["state"].get(0, {})                 # param 0: the user table
         local = {"user": self.student.state_dict()[USER_KEY], "best_user": self.best_state[USER_KEY],
-                 "exp_avg": user_moments.get("exp_avg"), "exp_avg_sq": user_moments.get("exp_avg_sq"),
                  **self.objective.state_dict()}
-        optimizer["state"] = {**optimizer["state"], 0: {k: v for k, v in user_moments.items()
-                                                       if k not in ("exp_avg", "exp_avg_sq")}}
+        if self.rows is not None:                 # rowwise_adam: the optimizer is the items' alone
+            rows = self.rows.state_dict()
+            local.update(exp_avg=rows["exp_avg"], exp_avg_sq=rows["exp_avg_sq"], row_step=rows["step"])
+        else:
+            user_moments = optimizer["state"].get(0, {})             # param 0: the user table
+            local.update(exp_avg=user_moments.get("exp_avg"), exp_avg_sq=user_moments.get("exp_avg_sq"))
+            optimizer["state"] = {**optimizer["state"], 0: {k: v for k, v in user_moments.items()
+                                                           if k not in ("exp_avg", "exp_avg_sq")}}
         shared = {"epoch": epoch, "item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY],
                   "optimizer": optimizer, "history": self.history, "progress": self.progress,
                   "stopping": self.stopping.state_dict(), "resumes": self.resumes}
@@ -229,7 +264,57 @@ class _Run:
                 "test": test, "valid": valid, "history": self.history, "dkc_progress": self.progress,
                 "teachers": self.teacher_uris, "workers": self.world, "resumed_from": self.resumes,
                 "trajectory_stages": stages, "state_bytes": None if state_bytes is None else state_bytes(),
+                "rank_bytes": self._rank_bytes(), "optimizer": self.cfg.optimizer,
                 "teacher_weights": getattr(self.objective, "weights_record", None)}
+
+    def _rank_bytes(self) -> list[dict[str, int]]:
+        """What each rank holds during training, in bytes (a collective): its dataset slice, its student
+        (rows and best rows), its optimizer state (moments, kept gradients) and its objective's arrays."""
+        size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if t is not None)  # noqa: E731
+        splits = (self.data.train, self.data.valid, self.data.test)
+        data = sum(s.indptr.nbytes + s.indices.nbytes + (0 if s.item_totals is None else s.item_totals.nbytes)
+                   for s in splits)
+        student = size(self.student.state_dict().values()) + size((self.best_state or {}).values())
+        optimizer = size(v for state in self.optimizer.state.values() for v in state.values()
+                         if isinstance(v, torch.Tensor))
+        optimizer += size(p.grad for p in self.student.parameters() if p.grad is not None and not p.grad.is_sparse)
+        optimizer += 0 if self.rows is None else size(self.rows.state_dict().values())
+        mine = torch.tensor([[data, student, optimizer, self.objective.resident_bytes()]], dtype=torch.int64)
+        keys = ("data", "student", "optimizer", "objective")
+        return [dict(zip(keys, map(int, row))) for row in distributed.gather_cat(mine).tolist()]
+
+
+def _optimizers(cfg: DistillConfig, student: Student) -> tuple[torch.optim.Optimizer, RowwiseAdam | None]:
+    """(the dense Adam, the user rows' RowwiseAdam or None) of ``distill.optimizer``.
+
+    Dense gradients are kept (zeroed, not freed) between steps: every rank all-reduces and steps every
+    batch, also one whose batch held none of its users. ``adam`` keeps earlier versions' optimizer (and
+    checkpoint layout): one Adam over both tables, param 0 the user table.
+    """
+    if cfg.optimizer not in ("adam", "rowwise_adam"):
+        raise ValueError(f"distill.optimizer: expected adam or rowwise_adam, got {cfg.optimizer!r}")
+    dense = list(student.parameters()) if cfg.optimizer == "adam" else [student.tables.weight("item")]
+    optimizer = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    for p in dense:
+        p.grad = torch.zeros_like(p)
+    if cfg.optimizer == "adam":
+        return optimizer, None
+    student.sparse_user_grad = True
+    return optimizer, RowwiseAdam(student.tables.weight("user"), cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _load_dense_into_rowwise(state: dict[str, Any], items: torch.optim.Optimizer, users: RowwiseAdam) -> None:
+    """A whole checkpoint's two-table Adam state (``refresh``'s warm start writes one under any
+    settings) into rowwise_adam's: param 1 (items) to the items' Adam; param 0's moments, already cut
+    to this rank's rows, to the user rows, each row at the dense step count (dense Adam stepped every
+    row at every step)."""
+    group = {**state["param_groups"][0], "params": [0]}
+    item = state["state"].get(1)
+    items.load_state_dict({"state": {0: item} if item else {}, "param_groups": [group]})
+    user = state["state"].get(0)
+    if user:
+        step = torch.full((user["exp_avg"].shape[0],), int(user["step"]), dtype=torch.int32)
+        users.load_state_dict({"exp_avg": user["exp_avg"], "exp_avg_sq": user["exp_avg_sq"], "step": step})
 
 
 def _legacy_checkpoint(root: str, cfg: DistillConfig) -> dict[str, Any] | None:
