@@ -84,6 +84,8 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
                                "hooks": list(hooks), "log_format": log_format, "lease": held, "dataset": identity,
                                "device": placed},
             torch_config=TorchConfig(backend=device.backend(placed)),
+            # use_gpu is (placed == "cuda") once distill.device exists: under_reservation ties cuda to GPUs
+            # reserved. Without the setting, GPUs reserved stay idle (Ray Train refuses GPU without use_gpu).
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
                                          resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
             run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=train_path, storage_filesystem=train_fs,
