@@ -61,7 +61,8 @@ class TeacherActor:
             ray.get(events.push.remote({**event, "pid": os.getpid()}))
 
         at = _where(cfg, teacher)
-        device = resolve(under_reservation(teacher.device, teacher.gpus, f"{at}.device", f"{at}.gpus"), f"{at}.device")
+        placed = under_reservation(teacher.device, teacher.gpus, f"{at}.device", f"{at}.gpus")
+        device = resolve(placed, f"{at}.device")      # Ray gave this actor its GPUs: cuda means the first
         return train_teacher(teacher, dataset_uri, cfg.layout.teacher(teacher.name), cfg.trajectory,
                              tuple(cfg.ks), cfg.eval_batch_size, report, device)
 
