@@ -55,6 +55,18 @@ def gather_cat(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(local.device)
 
 
+def gather_cat_to_first(local: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's rows (users in rank order), concatenated on rank 0 only, on the CPU (it is gathered to be
+    written); every other rank gets None and keeps nothing beyond its own rows. One process: a CPU copy."""
+    if not is_distributed():
+        return local.detach().cpu().clone()
+    first = dist.get_rank() == 0
+    parts: list[Any] | None = [None] * dist.get_world_size() if first else None
+    # Pickled as CPU tensors, as in gather_cat (gather_object itself runs on comm_device).
+    dist.gather_object(local.detach().cpu(), parts, dst=0)
+    return torch.cat(parts) if first else None
+
+
 def all_reduce_ranking_sums(sums: RankingSums) -> RankingSums:
     """Evaluation sums over every rank's users (SUM for the sums, MAX for the coverage masks)."""
     if not is_distributed():

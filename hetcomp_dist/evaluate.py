@@ -6,8 +6,10 @@ evaluated user; the user's own train items (and, per ALGORITHM.md section 2, the
 other held-out split) are excluded by setting their scores to -inf before the top-K.
 
 Memory is bounded by one batch: B x n_items scores (the only large buffer), plus per-batch
-index arrays proportional to the batch's interactions and B x max(K) top-K results. Nothing is
-looped over in Python per user.
+index arrays proportional to the batch's interactions and B x max(K) top-K results. Per-user
+arrays (train and truth counts, profile popularity sums) cover only the users the splits hold, so a
+rank evaluating its dataset slice allocates nothing for the other ranks' users. Nothing is looped
+over in Python per user.
 
 Devices: the scores, their exclusion and the top-K stay on the scorer's device (a GPU's for a
 model on one); only the B x max(K) top-K lists come to the CPU, where the metrics are summed
@@ -180,27 +182,31 @@ def evaluate_sums(
     n_items = train.n_items
     _check_same_shape(train, [truth, *exclude])
     if users is None:
-        users = np.flatnonzero(truth.counts() > 0)
+        users = np.flatnonzero(truth.held_counts() > 0) + truth.first_user
     users = _as_users(users, train.n_users)
     kmax = max(ks)
 
+    # Per-user arrays over the held users only (a slice's own: a rank allocates nothing per user of the
+    # others); the evaluated users must be held by train and truth, as the ranking needs their items anyway.
     item_counts = train.item_counts().astype(np.float64)
     phi = item_counts / max(train.n_users, 1)
-    profile_len = train.counts()
-    profile_sum = np.bincount(train.users(), weights=phi[train.indices], minlength=train.n_users)
-    truth_len = truth.counts()
+    profile_len = train.held_counts()[_held_rows(train, users)]
+    profile_sum = np.bincount(train.users() - train.first_user, weights=phi[train.indices],
+                              minlength=train.held_count)[_held_rows(train, users)]
+    truth_len = truth.held_counts()[_held_rows(truth, users)]            # per evaluated user, in order
     discount = 1.0 / np.log2(np.arange(kmax) + 2.0)
     idcg_table = np.concatenate([[1.0], np.cumsum(discount)])  # [m] = IDCG with m relevant ranks; [0] avoids 0/0
 
     sums = RankingSums.zeros(ks, n_items)
     sums.n_users = len(users)
-    has_profile = profile_len[users] > 0
+    has_profile = profile_len > 0
     sums.n_profile = int(has_profile.sum())
-    sums.gap_profile = float((profile_sum[users][has_profile] / profile_len[users][has_profile]).sum())
+    sums.gap_profile = float((profile_sum[has_profile] / profile_len[has_profile]).sum())
 
+    done = 0
     for ub, top, filled in _ranked_batches(scorer, users, n_items, [train, *exclude], kmax, batch_size, progress):
         hit = _hits(truth, ub, top, n_items) & filled
-        gt = truth_len[ub]
+        gt, done = truth_len[done:done + len(ub)], done + len(ub)
         safe_top = np.where(filled, top, 0)
         phi_top = np.where(filled, phi[safe_top], 0.0)
         cnt_top = np.where(filled, item_counts[safe_top], 0.0)
@@ -362,6 +368,16 @@ def _as_users(users: np.ndarray | torch.Tensor | Sequence[int], n_users: int) ->
     if users.size and (users.min() < 0 or users.max() >= n_users):
         raise ValueError(f"user index out of range [0, {n_users})")
     return users
+
+
+def _held_rows(inter: Interactions, users: np.ndarray) -> np.ndarray:
+    """Rows of ``inter``'s held users for global ``users``; a user it does not hold is an error."""
+    rows = users - inter.first_user
+    if rows.size and (rows.min() < 0 or rows.max() >= inter.held_count):
+        start, stop = inter.held_users
+        raise ValueError(f"evaluated users must be held: user {int(users[(rows < 0) | (rows >= inter.held_count)][0])} "
+                         f"is not (this split holds users [{start}, {stop}))")
+    return rows
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

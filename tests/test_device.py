@@ -3,6 +3,7 @@ teachers on device=cpu computing exactly what they computed before the device pa
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import yaml
 
 from hetcomp_dist import device, distributed, models
 from hetcomp_dist.cli import main
-from hetcomp_dist.config import ConfigError, from_dict
+from hetcomp_dist.config import ConfigError, compatible, from_dict
 from hetcomp_dist.data.dataset import Dataset, Interactions
+from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.distill.ray_job import workers_device
+from hetcomp_dist.distill.train import RESUMABLE_IGNORES, distill
+from hetcomp_dist.run import load_run
 from hetcomp_dist.evaluate import evaluate_split
 from hetcomp_dist.models.vae import csr_rows
 from hetcomp_dist.teachers import train as teacher_train
@@ -76,8 +80,6 @@ def test_ray_train_workers_follow_the_distill_device():
     assert workers_device(d) == "cpu" and device.backend(workers_device(d)) == "gloo"
     with pytest.raises(device.DeviceError, match="distill.device: cuda needs distill.gpus_per_worker > 0"):
         workers_device(types.SimpleNamespace(device="cuda", gpus_per_worker=0))
-    # a DistillConfig without the setting: the loop computes on the CPU, so gloo (GPUs reserved stay idle)
-    assert workers_device(types.SimpleNamespace(gpus_per_worker=1)) == "cpu"
 
 
 def test_collectives_communicate_on_the_cpu_under_gloo(tmp_path):
@@ -141,6 +143,62 @@ def test_cuda_teacher_actor_without_gpus_stops_before_ray_starts(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err == ("hetcomp train-teachers: error: teachers[0].device: cuda needs teachers[0].gpus > 0 under Ray "
                    "(a Ray process may use only the GPUs reserved for it)")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the distillation's setting
+
+def test_distill_device_is_strict_and_refuses_idle_gpus():
+    assert from_dict(DistillConfig, {}).device == "auto"
+    assert from_dict(DistillConfig, {"device": "cuda", "gpus_per_worker": 1}).device == "cuda"
+    with pytest.raises(ConfigError, match=r"device: 'gpu' is not one of \['auto', 'cpu', 'cuda'\]"):
+        from_dict(DistillConfig, {"device": "gpu"})
+    with pytest.raises(ConfigError, match=r"gpus_per_worker: 1 GPU\(s\) reserved, but device is cpu: they would "
+                                          r"stay idle \(set device: auto or cuda\)$"):
+        from_dict(DistillConfig, {"device": "cpu", "gpus_per_worker": 1})
+
+
+def test_distill_cpu_with_gpus_per_worker_is_refused_at_load(tmp_path):
+    config = _config_with(tmp_path)
+    with pytest.raises(ConfigError, match=r"distill.gpus_per_worker: 2 GPU\(s\) reserved, but device is cpu"):
+        load_run(str(config), ["distill.device=cpu", "distill.gpus_per_worker=2"])
+
+
+def test_distill_device_is_a_resource_not_a_setting():
+    """A checkpoint written on one device resumes on another (the Ray driver also rewrites auto to cpu/cuda)."""
+    assert "device" in RESUMABLE_IGNORES
+    stored = dataclasses.asdict(DistillConfig(device="cuda", gpus_per_worker=1))
+    assert compatible(DistillConfig, stored, DistillConfig(), RESUMABLE_IGNORES)
+
+
+@no_gpu
+def test_cuda_distillation_without_a_gpu_stops_before_any_work(tmp_path):
+    out = tmp_path / "student"
+    with pytest.raises(device.DeviceError) as e:   # the dataset does not exist: it is not even opened
+        distill(str(tmp_path / "no-dataset"), [], DistillConfig(device="cuda"), str(out))
+    assert str(e.value).startswith("distill.device: cuda, but this process sees no CUDA device")
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+
+
+@no_gpu
+def test_cli_cuda_distillation_without_a_gpu_is_one_line(tmp_path, capsys, datasets_dir, monkeypatch):
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    config = _config_with(tmp_path)
+    assert main(["distill", "--config", str(config), "--set", "distill.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hetcomp distill: error: distill.device: cuda, but this process sees no CUDA device")
+    assert "\n" not in err
+    assert not (tmp_path / "run" / "distill").exists() or not any((tmp_path / "run" / "distill").rglob("*.pt"))
+
+
+@no_gpu
+@pytest.mark.xfail(strict=True, reason="hetcomp distill (cli._cmd_distill, pipeline.distill_run) opens the "
+                   "TensorBoard writer and prepares the dataset before distill() resolves distill.device")
+def test_cli_cuda_distillation_without_a_gpu_writes_nothing(tmp_path, datasets_dir, monkeypatch):
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    config = _config_with(tmp_path)
+    assert main(["distill", "--config", str(config), "--set", "distill.device=cuda"]) == 2
     assert not (tmp_path / "run").exists()
 
 

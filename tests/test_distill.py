@@ -16,7 +16,7 @@ from hetcomp_dist import storage
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.data.prepare import prepare
 from hetcomp_dist.distill.config import DistillConfig
-from hetcomp_dist.distill.train import distill
+from hetcomp_dist.distill.train import ITEM_KEY, USER_KEY, distill
 from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
 N_USERS, N_ITEMS, K = 60, 80, 20
@@ -359,3 +359,33 @@ def test_optimizer_setting_is_strict():
     assert DistillConfig().optimizer == "adam"
     with pytest.raises(config.ConfigError, match="optimizer"):
         config.from_dict(DistillConfig, {"optimizer": "sgd"}, "x.yaml")
+
+
+# Written by the code before the loop followed distill.device (commit 65cd470, torch 2.13.0+cpu, 1 thread): epoch
+# losses 1, 2 and 20, test recall@10 and ndcg@20, and the sums of |student.pt|'s user and item tables. With
+# distill.device=cpu the new code reproduced that run bit for bit on this host (every epoch loss, metric and
+# student.pt tensor, one process and two gloo ranks); the tolerance only allows for another CPU's rounding.
+RECORDED_CPU = {
+    "hetcomp": ((312.5557198524475, 299.04404950141907, 234.155699968338), (0.675, 0.48970725163754214),
+                (314.40334216784686, 462.6184696215205)),
+    "bpr": ((5.531990706920624, 5.242426574230194, 0.7430730722844601), (0.225, 0.21876399074486086),
+            (423.3315990031697, 510.3479424819816)),
+}
+
+
+@pytest.mark.parametrize("method", list(RECORDED_CPU))
+def test_device_cpu_gives_the_recorded_run(run, tmp_path, method):
+    ds_uri, uris, _ = run
+    losses = []
+    extra = {"pop_penalty": 0.5} if method == "bpr" else {}     # its scorer moves the popularity vector
+    cfg = DistillConfig(**{**_cfg(method).__dict__, "max_epochs": 20, "device": "cpu", **extra})
+    out = str(tmp_path / method)
+    metrics = distill(ds_uri, uris, cfg, out, ks=(10, 20),
+                      report=lambda e: losses.append(e["loss"]) if e.get("event") == "epoch" else None)
+    state = torch.load(io.BytesIO(storage.read_bytes(out, "student.pt")), weights_only=True)
+    assert all(t.device.type == "cpu" for t in state.values())
+    got = ((losses[0], losses[1], losses[-1]), (metrics["test"]["recall@10"], metrics["test"]["ndcg@20"]),
+           tuple(state[k].double().abs().sum().item() for k in (USER_KEY, ITEM_KEY)))
+    want = RECORDED_CPU[method]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-5)

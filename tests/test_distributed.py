@@ -35,6 +35,8 @@ total = D.all_reduce_ranking_sums(sums)
 out = {"sum": D.sum_over_ranks(float(rank + 1)), "gathered": D.gather_cat(local).view(-1).tolist(),
        "grad": weight.grad.tolist(), "n_users": total.n_users, "recall": total.recall.tolist(),
        "covered": total.covered.tolist(), "distributed": D.is_distributed()}
+first = D.gather_cat_to_first(local)
+out["to_first"] = None if first is None else first.view(-1).tolist()
 json.dump(out, open(sys.argv[1], "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -70,6 +72,8 @@ def test_collectives_over_two_gloo_processes(results):
         assert r["grad"] == [3.0, 3.0]                                    # item gradients summed
         assert r["n_users"] == 3 and r["recall"] == pytest.approx([0.75])
         assert r["covered"] == [True, True, False, False, False]          # coverage: the union (MAX)
+    assert results[0]["to_first"] == [0, 1, 2, 10, 11, 12, 13, 14, 15]   # the whole table on rank 0 only
+    assert results[1]["to_first"] is None
 
 
 def test_collectives_are_no_ops_in_one_process():
@@ -80,3 +84,5 @@ def test_collectives_are_no_ops_in_one_process():
     assert not D.is_distributed() and D.sum_over_ranks(2.5) == 2.5
     x = torch.arange(4.0)
     assert torch.equal(D.gather_cat(x), x)
+    first = D.gather_cat_to_first(x)
+    assert torch.equal(first, x) and first is not x

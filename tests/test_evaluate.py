@@ -372,3 +372,35 @@ def test_padded_rows_match_items_of():
     assert split.padded(users, width=4).shape == (3, 4)
     with pytest.raises(ValueError, match="width=2"):
         split.padded(users, width=2)
+
+
+def _slice(whole: Interactions, lo: int, hi: int) -> Interactions:
+    """Users [lo, hi) of ``whole``, as load_dataset(users=(lo, hi)) holds them."""
+    a, z = int(whole.indptr[lo]), int(whole.indptr[hi])
+    return Interactions(indptr=whole.indptr[lo:hi + 1] - a, indices=whole.indices[a:z], n_items=whole.n_items,
+                        first_user=lo, total_users=whole.n_users, first_nnz=a, split_nnz=whole.nnz,
+                        item_totals=whole.item_counts())
+
+
+def test_slices_allocate_only_their_users_and_add_up_to_the_whole(monkeypatch):
+    """evaluate_sums on a rank's slice: per-user arrays over the held users only (no whole-id-space counts()),
+    the same sums as the whole data's for those users, and an error for a user the slice does not hold."""
+    train, valid, test, scores = random_problem(5, n_users=41)
+    whole = [from_dense(m) for m in (train, test, valid)]
+    full = evaluate_sums(table_scorer(scores), whole[0], whole[1], [whole[2]], ks=(3, 10))
+    monkeypatch.setattr(Interactions, "counts", lambda self: pytest.fail("an array over every user was built"))
+    bounds = (0, 13, 30, 41)
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        tr, te, va = (_slice(w, lo, hi) for w in whole)
+        parts.append(evaluate_sums(table_scorer(scores), tr, te, [va], ks=(3, 10), batch_size=4))
+        users = np.flatnonzero(test[lo:hi].any(1)) + lo
+        alone = evaluate_sums(table_scorer(scores), whole[0], whole[1], [whole[2]], ks=(3, 10), users=users,
+                              batch_size=4)
+        assert parts[-1].n_users == len(users) and parts[-1].gap_profile == alone.gap_profile
+        assert np.array_equal(parts[-1].recall, alone.recall) and np.array_equal(parts[-1].ndcg, alone.ndcg)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert_metrics_close(merged.metrics(), full.metrics(), rtol=1e-12)
+    tr, te, va = (_slice(w, 13, 30) for w in whole)
+    with pytest.raises(ValueError, match=r"user 12 is not .*\[13, 30\)"):
+        evaluate_sums(table_scorer(scores), tr, te, [va], ks=(3,), users=np.array([15, 12]))

@@ -23,5 +23,5 @@ def penalised_scorer(scorer, pop: torch.Tensor, beta: float):
     """
     def score(users: torch.Tensor) -> torch.Tensor:
         s = scorer(users)
-        return s - beta * s.std(1, keepdim=True) * pop
+        return s - beta * s.std(1, keepdim=True) * pop.to(s.device)     # pop stays where it was made
     return score

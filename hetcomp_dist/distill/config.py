@@ -53,6 +53,10 @@ class DistillConfig:
     workers: int = 1                 # Ray Train workers (hetcomp distill --ray, jobs/distill.py)
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
+    # Where the loop computes (hetcomp_dist/device.py): auto = the GPU when torch sees one (under Ray: cuda
+    # exactly when gpus_per_worker > 0). A resource, not a setting of the result: checkpoints and outputs
+    # written on one device are resumed and reused on another.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     RANGES: ClassVar[tuple[str, ...]] = (
         "dim >= 1", "init_std > 0", "lr > 0", "weight_decay >= 0", "batch_size >= 1", "max_epochs >= 1",
@@ -72,3 +76,6 @@ class DistillConfig:
         check_unique(where.at("teachers"), self.teachers)
         if self.out is not None:
             check_uri(where.at("out"), self.out)
+        if self.device == "cpu" and self.gpus_per_worker > 0:
+            raise where.at("gpus_per_worker").error(f"{self.gpus_per_worker:g} GPU(s) reserved, but device is cpu: "
+                                                    "they would stay idle (set device: auto or cuda)")

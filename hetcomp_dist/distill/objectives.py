@@ -77,12 +77,14 @@ class BPRObjective:
 
     def loss(self, batch: Batch, rng: np.random.Generator) -> torch.Tensor:
         users = self.users[batch.units]
-        neg = self._negatives(users, batch, rng)          # drawn for the global batch, on every rank
+        neg = self._negatives(users, batch, rng)          # drawn for the global batch, on every rank (numpy)
+        dev = self.student.tables.weight("item").device
         if not len(users):
-            return torch.zeros(())
-        pos = torch.from_numpy(self.items[batch.units].astype(np.int64))
-        u_e = self.student.user_rows(torch.from_numpy(users.astype(np.int64)) - self.start)
-        p_e, n_e = self.student.tables(item=torch.cat([pos, torch.from_numpy(neg.astype(np.int64))]))["item"].chunk(2)
+            return torch.zeros((), device=dev)
+        pos = torch.from_numpy(self.items[batch.units].astype(np.int64)).to(dev)
+        u_e = self.student.user_rows(torch.from_numpy(users.astype(np.int64)).to(dev) - self.start)
+        neg = torch.from_numpy(neg.astype(np.int64)).to(dev)
+        p_e, n_e = self.student.tables(item=torch.cat([pos, neg]))["item"].chunk(2)
         return -F.logsigmoid((u_e * p_e).sum(-1) - (u_e * n_e).sum(-1)).sum() / batch.size
 
     def _negatives(self, users: np.ndarray, batch: Batch, rng: np.random.Generator) -> np.ndarray:
@@ -212,18 +214,20 @@ class KDObjective:
         return (distributed.sum_over_ranks(self.stage.double().sum(0)) / self.n_users).tolist()
 
     def loss(self, batch: Batch, rng: np.random.Generator) -> torch.Tensor:
+        items = self.student.tables.weight("item")
+        dev = items.device                    # the resident state stays on the CPU; the batch's part moves
         batch_users = self.train_users[batch.units] if self.units is None else self.units[batch.units]
         if not len(batch_users):
-            return torch.zeros(())
+            return torch.zeros((), device=dev)
         users = np.unique(batch_users)
         local = torch.from_numpy(users.astype(np.int64)) - self.start
-        p, t, cfg = self.observed[local].long(), self.targets[local].long(), self.cfg
-        u_emb = self.student.user_rows(local)
-        items = self.student.tables.weight("item")
-        exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)), t], 1)   # N_u \ T_u is the rest
+        p, t, cfg = self.observed[local].long().to(dev), self.targets[local].long().to(dev), self.cfg
+        u_emb = self.student.user_rows(local.to(dev))
+        exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)).to(dev), t], 1)   # N_u \ T_u is the rest
+        # the sampler is a CPU generator (the same samples on every device); akt moves the samples
         rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler)
         s_p, s_t = akt.list_scores(u_emb, items, p, cfg.score_clamp), akt.list_scores(u_emb, items, t, cfg.score_clamp)
-        w = None if self.weights is None else self.weights[local]
+        w = None if self.weights is None else self.weights[local].to(dev)
         if self.phase == "L_O":
             return cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()
         return cfg.lr_weight * akt.ranking_loss(s_p, s_t, p, t, rest, w).sum()

@@ -84,9 +84,8 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
                                "hooks": list(hooks), "log_format": log_format, "lease": held, "dataset": identity,
                                "device": placed},
             torch_config=TorchConfig(backend=device.backend(placed)),
-            # use_gpu is (placed == "cuda") once distill.device exists: under_reservation ties cuda to GPUs
-            # reserved. Without the setting, GPUs reserved stay idle (Ray Train refuses GPU without use_gpu).
-            scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.gpus_per_worker > 0,
+            # use_gpu equals placed == "cuda": under_reservation ties cuda to GPUs reserved (and refuses cpu with them)
+            scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=placed == "cuda",
                                          resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
             run_config=TrainRunConfig(name=f"distill-{d.method}", storage_path=train_path, storage_filesystem=train_fs,
                                       failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
@@ -98,13 +97,7 @@ def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Seq
 
 
 def workers_device(d: Any) -> str:
-    """The workers' device, cpu or cuda, from ``distill.device`` and ``distill.gpus_per_worker``.
-
-    A DistillConfig without a ``device`` setting is a loop that computes on the CPU: gloo, and any GPUs
-    reserved stay idle, as before the setting existed.
-    """
-    if not hasattr(d, "device"):
-        return "cpu"
+    """The workers' device, cpu or cuda, from ``distill.device`` and ``distill.gpus_per_worker``."""
     return device.under_reservation(d.device, d.gpus_per_worker, "distill.device", "distill.gpus_per_worker")
 
 
@@ -112,8 +105,6 @@ def workers_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``distill.device`` set to the workers' device (see :func:`workers_device`): a worker
     resolves what the driver placed, never ``auto`` again on a node whose GPUs it did not reserve."""
     placed = workers_device(cfg.distill)
-    if not hasattr(cfg.distill, "device"):
-        return cfg
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, device=placed))
 
 

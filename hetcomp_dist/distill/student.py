@@ -49,7 +49,8 @@ class Student(torch.nn.Module):
         The same lookup as ``tables(user=rows)`` (values and dense gradient alike), with a sparse
         gradient when ``sparse_user_grad`` is set.
         """
-        return F.embedding(rows.long(), self.tables.weight("user"), sparse=self.sparse_user_grad)
+        weight = self.tables.weight("user")
+        return F.embedding(rows.long().to(weight.device), weight, sparse=self.sparse_user_grad)
 
 
 def user_range(n_users: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -116,9 +117,11 @@ def rows(state: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, tor
     return {USER_KEY: state[USER_KEY][start:stop].clone(), ITEM_KEY: state[ITEM_KEY].clone()}
 
 
-def gather_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A student state_dict with the whole user table (gathered over ranks) and the item table."""
-    return {USER_KEY: distributed.gather_cat(state[USER_KEY]), ITEM_KEY: state[ITEM_KEY].detach().clone()}
+def gather_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """On rank 0, a student state_dict on the CPU with the whole user table (gathered from every rank) and the
+    item table; None on every other rank, which holds nothing more than its own rows (a collective)."""
+    users = distributed.gather_cat_to_first(state[USER_KEY])
+    return None if users is None else {USER_KEY: users, ITEM_KEY: state[ITEM_KEY].detach().cpu().clone()}
 
 
 def optimizer_rows(state: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

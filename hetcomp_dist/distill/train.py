@@ -25,6 +25,7 @@ processes in the default process group (Ray Train's TorchTrainer, see
 from __future__ import annotations
 
 import io
+import os
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hetcomp_dist import config, distributed, storage
+from hetcomp_dist import config, device, distributed, storage
 from hetcomp_dist.data.dataset import Dataset, dataset_meta, load_dataset
 from hetcomp_dist.distill import baselines, dissensus
 from hetcomp_dist.distill.config import DistillConfig
@@ -47,8 +48,10 @@ Report = Callable[[dict[str, Any]], None]
 Hook = Callable[[dict[str, Any], int, int], None]    # (evaluation event, rank, world size), after its checkpoint
 
 # Settings a checkpoint may be resumed under when they differ: where and how long it runs.
+# The device too: a checkpoint is written with CPU tensors and resumes on any device (and the Ray driver
+# rewrites distill.device from auto to the placed cpu or cuda, so stored settings differ from the YAML's).
 RESUMABLE_IGNORES = ("workers", "cpus_per_worker", "gpus_per_worker", "threads", "max_epochs", "max_train_seconds",
-                     "out", "checkpoint")
+                     "out", "checkpoint", "device")
 
 
 def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: str,
@@ -59,9 +62,10 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     In a process group of W ranks every rank calls it; rank 0 writes, every rank returns the same
     metrics. ``hooks`` are called on every rank after each evaluation (tests inject faults there).
     """
+    dev = _device(cfg)                                        # before any work: cuda without a GPU is one line
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run = _Run(cfg, load_rank_dataset(dataset_uri), teacher_uris, ks)
+    run = _Run(cfg, load_rank_dataset(dataset_uri), teacher_uris, ks, dev)
     run.resume(checkpointer(out, cfg), report)
     first = cfg.max_epochs + 1 if run.stopping.done else run.epoch + 1     # a resumed run that had stopped
     for epoch in range(first, cfg.max_epochs + 1):
@@ -81,6 +85,15 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
     if run.world > 1:
         dist.barrier()
     return metrics
+
+
+def _device(cfg: DistillConfig) -> torch.device:
+    """The loop's device (``distill.device``). Under Ray Train a cuda worker's current device is its assigned
+    GPU (ray_job._worker); under torchrun with nccl (no Ray) this rank takes the GPU of its LOCAL_RANK."""
+    if (cfg.device != "cpu" and dist.is_initialized() and dist.get_backend() == "nccl"
+            and "LOCAL_RANK" in os.environ and torch.cuda.is_available()):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return device.resolve(cfg.device, "distill.device")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -105,14 +118,16 @@ def checkpointer(out: str, cfg: DistillConfig) -> Checkpointer:
 class _Run:
     """One rank's distillation: the student, its optimizer, its objective and the loop's state."""
 
-    def __init__(self, cfg: DistillConfig, data: Dataset, teacher_uris: list[str], ks: tuple[int, ...]):
-        self.cfg, self.data, self.teacher_uris, self.ks = cfg, data, teacher_uris, ks
+    def __init__(self, cfg: DistillConfig, data: Dataset, teacher_uris: list[str], ks: tuple[int, ...],
+                 dev: torch.device = torch.device("cpu")):
+        self.cfg, self.data, self.teacher_uris, self.ks, self.device = cfg, data, teacher_uris, ks, dev
         self.rank, self.world = _rank_world()
         self.start, self.stop = user_range(data.n_users, self.rank, self.world)
         if data.held_users != (self.start, self.stop):
             raise ValueError(f"rank {self.rank} of {self.world} owns users [{self.start}, {self.stop}), "
                              f"the dataset holds {list(data.held_users)}")
-        self.student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, self.start, self.stop)
+        # drawn on the CPU (the same start on every device), then moved before the optimizer exists
+        self.student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, self.start, self.stop).to(dev)
         self.optimizer, self.rows = _optimizers(cfg, self.student)
         self.eval_users = data.eval_users()                       # the slice's own
         self.objective = build_objective(cfg, data, self.student, teacher_uris, self.start, self.stop, self.rank)
@@ -139,8 +154,8 @@ class _Run:
 
     def _load_shards(self, shared: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
         self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: shared["item"]})
-        self.best_state = {USER_KEY: local["best_user"], ITEM_KEY: shared["best_item"]}
-        optimizer = shared["optimizer"]
+        self.best_state = {USER_KEY: local["best_user"].to(self.device), ITEM_KEY: shared["best_item"].to(self.device)}
+        optimizer = shared["optimizer"]      # CPU tensors: Adam's load_state_dict moves them to each param's device
         if self.rows is not None:                 # rowwise_adam: the items' Adam, the user rows' own state
             self.optimizer.load_state_dict(optimizer)
             self.rows.load_state_dict({"exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"],
@@ -155,7 +170,7 @@ class _Run:
     def _load_whole(self, state: dict[str, Any]) -> dict[str, Any]:
         start, stop = self.start, self.stop
         self.student.load_state_dict(rows(state["student"], start, stop))
-        self.best_state = rows(state["best_state"], start, stop)
+        self.best_state = {k: v.to(self.device) for k, v in rows(state["best_state"], start, stop).items()}
         optimizer = optimizer_rows(state["optimizer"], start, stop)
         if self.rows is None:
             self.optimizer.load_state_dict(optimizer)
@@ -170,7 +185,9 @@ class _Run:
         self.objective.start_epoch()
         rng = np.random.default_rng([self.cfg.seed, epoch])     # the same batches on every rank
         item_weight = self.student.tables.weight("item")
-        total, before = 0.0, self.stopping.train_seconds
+        # summed on the device in float64 (a step does not wait for the host): on the CPU the same sum as
+        # adding loss.item()'s, bit for bit
+        total, before = torch.zeros((), dtype=torch.float64, device=self.device), self.stopping.train_seconds
         with self.stopping.timing("train"):
             for batch in epoch_batches(rng, self.objective.n_units, self.objective.unit_range, self.cfg.batch_size):
                 loss = self.objective.loss(batch, rng)
@@ -183,9 +200,9 @@ class _Run:
                 self.optimizer.step()
                 if self.rows is not None:
                     self.rows.step()                              # the batch's user rows only
-                total += loss.item()
+                total += loss.detach().double()
         self.epoch = epoch
-        return {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(total),
+        return {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(total.item()),
                 "phase": self.objective.phase, "epoch_seconds": self.stopping.train_seconds - before}
 
     def evaluate(self, epoch: int, loss: float) -> dict[str, Any]:
@@ -225,7 +242,8 @@ class _Run:
         shared = {"epoch": epoch, "item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY],
                   "optimizer": optimizer, "history": self.history, "progress": self.progress,
                   "stopping": self.stopping.state_dict(), "resumes": self.resumes}
-        self.checkpoints.save_shards(epoch, shared, local, (self.start, self.stop), self.rank, self.world)
+        self.checkpoints.save_shards(epoch, device.to_cpu(shared), device.to_cpu(local), (self.start, self.stop),
+                                     self.rank, self.world)
 
     def finish(self, out: str) -> dict[str, Any]:
         """Test the best state, write student.pt, metrics.json and the report (rank 0); returns the metrics."""
@@ -241,8 +259,8 @@ class _Run:
             valid = distributed.evaluate(scorer, self.data, "valid", self.ks, self.eval_users)
             stages = self._trajectory_stages()
         metrics = self._metrics(test, valid, stages)
-        full = gather_rows(self.student.state_dict())
-        if self.rank == 0:
+        full = gather_rows(self.student.state_dict())     # the whole user table on rank 0 only, on the CPU
+        if full is not None:
             _write_outputs(out, self.cfg, full, metrics)
         return metrics
 
