@@ -1,8 +1,9 @@
 """Embedding tables for every model family: one TorchRec EmbeddingBagCollection per model.
 
 A bag holding one id is a plain row lookup, and that form shards with every TorchRec
-sharding type (DESIGN.md), so models stay single-device code that DistributedModelParallel
-can shard later. Bags with several ids (a user's items, weighted) serve autoencoder inputs.
+sharding type, so models stay single-device code that DistributedModelParallel shards from
+outside (:mod:`hetcomp_dist.sharding`, for teachers with ``workers > 1``). Bags with several ids
+(a user's items, weighted) serve autoencoder inputs.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Tables(nn.Module):
     def weight(self, name: str) -> torch.Tensor:
         """The whole table ``name`` (rows x d) of an unsharded model, for full-item scoring.
 
-        Once :mod:`hetcomp_dist.distributed` has sharded the tables, only this process's rows
+        Once :mod:`hetcomp_dist.sharding` has sharded the tables, only this process's rows
         (local rows x d; 0 x d where it holds none): enough for row-by-row updates such as
         ``after_step``, never for scoring.
         """

@@ -7,6 +7,9 @@ with ``gpus: 0`` is refused before any work). Without Ray, each teacher's ``devi
 host before any work. If an actor's process dies, Ray restarts it
 (``ray.max_restarts``) and retries its ``train`` call, which resumes from the teacher's last
 checkpoint. Actors push progress events to a small event-box actor that the driver polls and prints.
+A teacher with ``workers > 1`` is trained sharded by a TorchTrainer that its actor launches
+(:mod:`hetcomp_dist.teachers.sharded`); the actor then reserves nothing and its workers reserve ``cpus`` /
+``gpus`` each. Without Ray such a teacher is refused before any work.
 
 At the end the summaries (test Recall/NDCG, best epoch, train seconds) are printed as a table and
 written to ``<run>/teachers/summary`` (``summary.json`` + manifest). A teacher whose complete
@@ -62,6 +65,10 @@ class TeacherActor:
 
         at = _where(cfg, teacher)
         placed = under_reservation(teacher.device, teacher.gpus, f"{at}.device", f"{at}.gpus")
+        if teacher.workers > 1:     # sharded: this actor reserved nothing and waits for its Ray Train workers
+            from hetcomp_dist.teachers.sharded import fit
+
+            return fit(cfg, teacher, dataset_uri, events, placed, at)
         device = resolve(placed, f"{at}.device")      # Ray gave this actor its GPUs: cuda means the first
         return train_teacher(teacher, dataset_uri, cfg.layout.teacher(teacher.name), cfg.trajectory,
                              tuple(cfg.ks), cfg.eval_batch_size, report, device)
@@ -142,10 +149,14 @@ def _where(cfg: RunConfig, teacher: TeacherConfig) -> str:
 def _check_devices(cfg: RunConfig, sequential: bool) -> dict[str, Any]:
     """Each teacher's device, checked before any work: without Ray resolved on this host (``cuda`` where
     torch sees no GPU is an error); as Ray actors checked against their GPU reservation (the actor resolves
-    it where it runs, and a local Ray instance's GPU count is checked when it starts)."""
+    it where it runs, and a local Ray instance's GPU count is checked when it starts). A sharded teacher
+    (workers > 1) needs Ray: refused without it."""
     devices = {}
     for t in cfg.teachers:
         at = _where(cfg, t)
+        if sequential and t.workers > 1:
+            raise ConfigError(f"{at}.workers: {t.workers} workers train on Ray Train: run train-teachers "
+                              "without --sequential, or set workers: 1")
         if sequential:
             devices[t.name] = resolve(t.device, f"{at}.device")
         else:
@@ -183,10 +194,11 @@ def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: st
     started = init_ray(cfg.ray)
     if started == "local":  # a fixed-size instance: a teacher asking for more would wait forever
         have = ray.cluster_resources()
-        for t in teachers:
-            if t.cpus > have.get("CPU", 0) or t.gpus > have.get("GPU", 0):
+        for t in teachers:    # a sharded teacher's workers all run at once, each with cpus / gpus
+            cpus, gpus = t.cpus * t.workers, t.gpus * t.workers
+            if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
                 ray.shutdown()
-                raise ConfigError(f"teacher {t.name} asks for {t.cpus:g} CPUs / {t.gpus:g} GPUs; the local Ray "
+                raise ConfigError(f"teacher {t.name} asks for {cpus:g} CPUs / {gpus:g} GPUs; the local Ray "
                                   f"instance has {have.get('CPU', 0):g} / {have.get('GPU', 0):g} (see ray.num_cpus)")
     env = forwarded_env()
     box = ray.remote(EventBox).options(num_cpus=0).remote()
@@ -194,8 +206,9 @@ def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: st
     actors, pending = [], {}
     try:
         for t in teachers:
+            sharded = t.workers > 1   # its Ray Train workers reserve cpus / gpus each; the actor only waits
             actor = actor_cls.options(
-                num_cpus=t.cpus, num_gpus=t.gpus, max_restarts=cfg.ray.max_restarts,
+                num_cpus=0 if sharded else t.cpus, num_gpus=0 if sharded else t.gpus, max_restarts=cfg.ray.max_restarts,
                 max_task_retries=cfg.ray.max_restarts, runtime_env={"env_vars": env} if env else None,
             ).remote(cfg.storage.endpoint_url)
             actors.append(actor)

@@ -6,6 +6,9 @@ run loads the newest complete checkpoint and the trajectory writer drops snapsho
 so the trajectory has no duplicates. Batches are drawn from an RNG seeded by (seed, epoch), so a
 resumed epoch sees the same batches.
 
+A teacher with ``workers > 1`` trains sharded on Ray Train workers instead (:mod:`.sharded`), with the
+same checkpoints, evaluations, stopping and trajectory.
+
 Device (``cfg.device``, :mod:`hetcomp_dist.device`): the model, its loss, the optimiser state and the
 evaluation's scores and top-K live there; batches are drawn with numpy on the CPU (the same batches on
 every device) and moved to it. Results come to the CPU only to be written: top-K lists, metrics,
@@ -97,21 +100,29 @@ def checkpointer(out: str, cfg: TeacherConfig, dataset: dict[str, Any] | None = 
 def _resume(checkpoints: Checkpointer, model, optimizer, stopping: Stopping, out: str, cfg: TeacherConfig,
             data: Dataset, trajectory: TrajectoryConfig, report: Report):
     """(last epoch done, best weights, trajectory writer): from the newest checkpoint, or a fresh start."""
-    traj_uri = storage.join(out, "trajectory")
-    traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
-                     observed_k=trajectory.observed_k, config=asdict(cfg))
     state = checkpoints.load()
     if state is None:
         checkpoints.clear()  # another config's: never resumed, nor kept
-        return 0, None, TrajectoryWriter(traj_uri, **traj_args, overwrite=True)
+        return 0, None, trajectory_writer(out, cfg, data, trajectory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    epoch = _load_loop_state(state, stopping)
+    epoch = load_loop_state(state, stopping)
     report({"teacher": cfg.name, "event": "resumed", "epoch": epoch})
-    return epoch, state["best_model"], TrajectoryWriter.resume(traj_uri, epoch, **traj_args)
+    return epoch, state["best_model"], trajectory_writer(out, cfg, data, trajectory, epoch)
 
 
-def _load_loop_state(state: dict[str, Any], stopping: Stopping) -> int:
+def trajectory_writer(out: str, cfg: TeacherConfig, data: Dataset, trajectory: TrajectoryConfig,
+                      resumed_at: int | None = None) -> TrajectoryWriter:
+    """The teacher's trajectory writer: a new one, or (``resumed_at``) one that drops later snapshots."""
+    traj_uri = storage.join(out, "trajectory")
+    traj_args = dict(model=cfg.model, n_users=data.n_users, k=trajectory.k, n_items=data.n_items,
+                     observed_k=trajectory.observed_k, config=asdict(cfg))
+    if resumed_at is None:
+        return TrajectoryWriter(traj_uri, **traj_args, overwrite=True)
+    return TrajectoryWriter.resume(traj_uri, resumed_at, **traj_args)
+
+
+def load_loop_state(state: dict[str, Any], stopping: Stopping) -> int:
     """The epoch a checkpoint was written at; its stopping state loaded (also from the older format)."""
     if "stopping" in state:
         stopping.load_state_dict(state["stopping"])
@@ -207,7 +218,8 @@ def _observed_batches(scorer, train: Interactions, width: int, batch_size: int) 
 # teacher, up to floating-point rounding): they may differ between a finished teacher and the config
 # asking for it. A checkpoint may also be resumed under other
 # stopping rules (train a run further, or stop it where it is): the epochs before the stop are the same.
-_RESOURCES = ("threads", "cpus", "gpus", "device")
+# item_sharding places the item tables differently, with the same updates.
+_RESOURCES = ("threads", "cpus", "gpus", "device", "item_sharding")
 _STOPPING = ("max_epochs", "max_train_seconds", "patience", "min_delta")
 
 
