@@ -10,9 +10,10 @@ configs/citeulike.yaml:
 2. the LightGCN teacher's full-ranking evaluation (valid Recall/NDCG@10,20,50) and its trajectory
    snapshot (every user's top-100), each timed on its second run; the check column gives recall@20
    and, per device, the share of users whose top-10 equals the first device's;
-3. a distillation (`hetcomp distill`, one process, then Ray Train with one worker: gloo on cpu, nccl
-   on cuda) of two epochs, from trajectories of short teacher runs, if `hetcomp distill` accepts
-   `--set distill.device=<device>`; otherwise a line says it was skipped.
+3. a distillation (`hetcomp distill --set distill.device=<device>`, one process, then Ray Train with one
+   worker: gloo on cpu, nccl on cuda) of two epochs, from trajectories of short teacher runs; the first
+   row's check is the wall time of the command, the second's the valid metric. (A config that refuses
+   the setting, as before the loop followed distill.device, gives one skipped line instead.)
 
     .venv/bin/python bench/gpu_check.py [--devices cpu,cuda] [--dataset citeulike-t] [--threads N]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a person on a GPU host: install the GPU stack, then time the same work on cpu and on
-# cuda side by side (teacher epochs, evaluation, trajectory top-K, and a distillation once it follows
+# cuda side by side (teacher epochs, evaluation, trajectory top-K, and a two-epoch distillation on
 # distill.device). See bench/gpu_check.py for what each row measures.
 #
 #   bash bench/gpu_check.sh                       # on a GPU host: setup.sh --gpu, then cpu and cuda

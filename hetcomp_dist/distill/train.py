@@ -89,9 +89,10 @@ def distill(dataset_uri: str, teacher_uris: list[str], cfg: DistillConfig, out: 
 
 def _device(cfg: DistillConfig) -> torch.device:
     """The loop's device (``distill.device``). Under Ray Train a cuda worker's current device is its assigned
-    GPU (ray_job._worker); under torchrun with nccl (no Ray) this rank takes the GPU of its LOCAL_RANK."""
-    if (cfg.device != "cpu" and dist.is_initialized() and dist.get_backend() == "nccl"
-            and "LOCAL_RANK" in os.environ and torch.cuda.is_available()):
+    GPU (ray_job._worker sets it). Under torchrun (TORCHELASTIC_RUN_ID set; Ray Train sets LOCAL_RANK too, but
+    not that) with nccl, this rank takes the GPU of its LOCAL_RANK."""
+    if (cfg.device != "cpu" and "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+            and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.is_available()):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return device.resolve(cfg.device, "distill.device")
 
