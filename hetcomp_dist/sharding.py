@@ -128,6 +128,10 @@ class ShardedModel:
 
     def __init__(self, model: nn.Module, dmp: nn.Module, optimizer: Any, env: DistEnv, dense: Any = None):
         self.model, self.dmp, self.optimizer, self.env, self.dense = model, dmp, optimizer, env, dense
+        # One factor for every group, not a list of lrs: a rank holds only its tables' fused groups (a
+        # table_wise table's group exists on its holder alone), so the ranks' group lists differ.
+        self.lr_scale = 1.0
+        self._base_lr = [g["lr"] for g in optimizer.param_groups]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's loss on this rank's batch (every rank calls it, with equal-size batches)."""
@@ -152,8 +156,12 @@ class ShardedModel:
 
     def scale_lr(self, factor: float) -> None:
         """Multiply every learning rate (tables and dense) by ``factor``, effective from the next step."""
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
+        self._set_lr_scale(self.lr_scale * factor)
+
+    def _set_lr_scale(self, scale: float) -> None:
+        self.lr_scale = scale
+        for group, base in zip(self.optimizer.param_groups, self._base_lr):
+            group["lr"] = base * scale
         self._push_lr()
 
     def _push_lr(self) -> None:
@@ -171,7 +179,7 @@ class ShardedModel:
 
     def full_optimizer_state(self, dst: int = 0) -> dict[str, Any] | None:
         """The optimizer's state with the table moments gathered whole (CPU tensors), and every group's
-        learning rate (lr_decay changes them; TorchRec's state_dict does not hold them), on ``dst``.
+        learning-rate factor (lr_decay changes it; TorchRec's state_dict does not hold the lrs), on ``dst``.
 
         A table_wise table's moments exist only in its holder's state_dict, so the ranks' state_dicts
         differ in keys and cannot be walked as one collective (ShardedTensor.gather): every rank sends
@@ -197,7 +205,7 @@ class ShardedModel:
                         full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
             for k in part:
                 state.setdefault(k, {})
-        return {"state": state, "lr": [g["lr"] for g in self.optimizer.param_groups]}
+        return {"state": state, "lr_scale": self.lr_scale}
 
     @torch.no_grad()
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -213,7 +221,7 @@ class ShardedModel:
     @torch.no_grad()
     def load_full_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load what :meth:`full_optimizer_state` returned (every rank passes it): sharded moments row by
-        row into this rank's shards, the dense Adam state and the learning rates as they are."""
+        row into this rank's shards, the dense Adam state as it is, and the learning-rate factor."""
         if self.dense is not None and not self.dense.state:
             # TorchRec loads only into initialised state (Adam's is lazy): one step with zero gradients
             # creates it; the weights are put back, since weight decay would move them.
@@ -224,11 +232,7 @@ class ShardedModel:
         own = self.optimizer.state_dict()
         _fill(own["state"], state["state"])
         self.optimizer.load_state_dict(own)
-        if len(state["lr"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"{len(state['lr'])} learning rates saved for {len(self.optimizer.param_groups)} groups")
-        for group, lr in zip(self.optimizer.param_groups, state["lr"]):
-            group["lr"] = lr
-        self._push_lr()
+        self._set_lr_scale(state["lr_scale"])
 
 
 def _strip(state: Mapping[str, Any]) -> dict[str, Any]:
