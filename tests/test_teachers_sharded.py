@@ -70,6 +70,17 @@ def test_sequential_refuses_a_sharded_teacher_in_one_line(tmp_path: Path, capsys
     assert not (tmp_path / "run").exists()      # before any work
 
 
+def test_train_teacher_never_trains_a_sharded_teacher_whole(tmp_path: Path) -> None:
+    """The one-process loop (also refresh's in-process path) refuses workers > 1 before any work."""
+    from hetcomp_dist.teachers.config import TeacherConfig
+    from hetcomp_dist.teachers.train import train_teacher
+
+    t = TeacherConfig(name="mf", model="bpr_mf", params={"dim": 16}, workers=2, table_optimizer="sgd")
+    with pytest.raises(config.ConfigError, match="teacher mf: workers 2: a sharded teacher trains on Ray Train"):
+        train_teacher(t, str(tmp_path / "no-dataset"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_trajectory_from_before_the_sharding_settings_is_still_the_same_teacher() -> None:
     """Stored configs without workers / table_optimizer / item_sharding read them as their defaults."""
     from hetcomp_dist.teachers.config import TeacherConfig

@@ -182,6 +182,9 @@ def _resume(checkpoints: Checkpointer, run: sharding.ShardedModel, stopping: Sto
         if lead:
             checkpoints.clear()
         return 0, None, trajectory_writer(out, cfg, data, trajectory) if lead else None
+    if "lr_scale" not in state["optimizer"]:   # e.g. a refresh's warm start, written in the one-process format
+        raise RuntimeError(f"teacher {cfg.name}: the checkpoint under {out} was not written by a sharded run "
+                           "(its optimizer state is Adam's); sharded teachers resume only their own checkpoints")
     run.load_full_state_dict(state["model"])
     run.load_full_optimizer_state(state["optimizer"])
     epoch = load_loop_state(state, stopping)

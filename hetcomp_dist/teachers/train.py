@@ -45,6 +45,9 @@ def train_teacher(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: Tr
     passes the device its reservation allows). Returns a summary: best epoch, valid metrics at it, test
     metrics of the best model, timings.
     """
+    if cfg.workers > 1:   # never silently whole: another optimizer, and checkpoints a sharded run cannot read
+        raise config.ConfigError(f"teacher {cfg.name}: workers {cfg.workers}: a sharded teacher trains on Ray Train "
+                                 "(hetcomp train-teachers without --sequential), not in one process")
     device = device if device is not None else resolve(cfg.device, f"teacher {cfg.name}: device")
     torch.set_num_threads(cfg.threads)
     data = load_dataset(dataset_uri)
