@@ -233,3 +233,13 @@ def test_teachers_on_ray_actors_map_failures_and_pids(tmp_path, days, monkeypatc
               "student": {"status": "warm-started from v0001", "ran": "ray-train", "workers": 2}}
     text = job.render(report)
     assert "bpr_mf: trained from scratch, on a Ray actor (pid 4242)" in text and "on Ray Train (2 workers)" in text
+
+
+def test_all_scores_finite_bound_and_fallback():
+    small = torch.randn(50, 4), torch.randn(70, 4)
+    assert gate.all_scores_finite(*small, batch_size=16)
+    huge = torch.full((3, 2), 1e20), torch.full((4, 2), 1e20)              # u . v = 2e40: inf in float32
+    assert not gate.all_scores_finite(*huge)
+    apart = torch.tensor([[1e20, 0.0]]), torch.tensor([[0.0, 1e20]])       # the bound fails, the scores are 0
+    assert gate.all_scores_finite(*apart)
+    assert not gate.all_scores_finite(torch.tensor([[float("nan"), 0.0]]), torch.ones(2, 2))

@@ -36,17 +36,33 @@ def holdout_users(data: Dataset) -> np.ndarray:
     return np.flatnonzero(data.test.counts() > 0)
 
 
+FLOAT32_SAFE = 1e38      # below float32's largest finite value (3.4e38)
+
+
+def all_scores_finite(users_emb: torch.Tensor, items_emb: torch.Tensor, batch_size: int = 1024) -> bool:
+    """Whether every user-item score (a float32 dot product) is finite.
+
+    Cheap in the usual case: with finite tables, |u . v| and every partial sum of its products are at most
+    |u| |v| (Cauchy-Schwarz on the absolute values), so a bound on the largest norms' product proves it
+    without scoring users x items. Only when that bound is not met are the scores computed block by block.
+    """
+    if not (torch.isfinite(users_emb).all() and torch.isfinite(items_emb).all()):
+        return False
+    norm = lambda t: float(t.double().norm(dim=1).max()) if len(t) else 0.0  # noqa: E731  (float64: no overflow)
+    if norm(users_emb) * norm(items_emb) < FLOAT32_SAFE:
+        return True
+    for lo in range(0, len(users_emb), batch_size):
+        if not torch.isfinite(users_emb[lo:lo + batch_size] @ items_emb.T).all():
+            return False
+    return True
+
+
 def evaluate_state(state: dict[str, torch.Tensor], data: Dataset, ks: tuple[int, ...],
                    batch_size: int = 1024) -> dict[str, Any]:
     """Holdout metrics of a student state (grown to the data's sizes) and whether all its scores are finite."""
     state = grown_with_zeros(state, data.n_users, data.n_items)
     users_emb, items_emb = state[USER_KEY].float(), state[ITEM_KEY].float()
-    finite = bool(torch.isfinite(users_emb).all() and torch.isfinite(items_emb).all())
-    if finite:
-        for lo in range(0, data.n_users, batch_size):
-            if not torch.isfinite(users_emb[lo:lo + batch_size] @ items_emb.T).all():
-                finite = False
-                break
+    finite = all_scores_finite(users_emb, items_emb, batch_size)
     users = holdout_users(data)
     scorer = lambda u: users_emb[u.long()] @ items_emb.T    # noqa: E731
     with torch.no_grad():
