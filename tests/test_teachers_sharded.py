@@ -13,6 +13,7 @@ from hetcomp_dist import config, storage
 from hetcomp_dist.cli import main
 from hetcomp_dist.run import RunConfig
 from procs import REPO, VENV_BIN, run_with_local_ray
+from test_teachers_ray import ray_head  # noqa: F401 - the Ray head fixture (its own temp dir, ports, HOME)
 
 TINY_SHARDED = REPO / "configs" / "tiny_sharded.yaml"
 NAMES = ["bpr_mf", "bpr_mf_sharded"]
@@ -123,6 +124,51 @@ def test_train_teachers_trains_mf_sharded_on_two_workers(datasets_dir: Path, tmp
     data = load_dataset(storage.join(run, "dataset"))
     model = load_teacher(cfg.teachers[1], run, data)          # a whole checkpoint, as an unsharded teacher's
     assert tuple(model.tables.weight("user").shape) == (data.n_users, 16)
+
+
+@pytest.mark.integration  # a Ray head, 2 Ray Train workers, one of them SIGKILLed: ~3 min on 2 shared cores
+def test_killed_worker_restarts_the_group_which_resumes(ray_head, datasets_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL rank 0's worker once the first checkpoint exists: Ray Train restarts the worker group
+    (ray.max_failures), the new workers resume from the checkpoint, each evaluation is in the trajectory once."""
+    import os
+    import signal
+    import time
+
+    from hetcomp_dist.progress import TeacherLines
+    from hetcomp_dist.teachers.actors import train_teachers
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head's mode
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    run = str(tmp_path / "run")
+    path = _write(tmp_path / "c.yaml", run, [_teacher(max_epochs=8)])
+    data = yaml.safe_load(path.read_text())
+    data["ray"] = {"address": ray_head["gcs"], "max_restarts": 1, "max_failures": 2}
+    path.write_text(yaml.safe_dump(data))
+    cfg = config.load(RunConfig, path)
+    checkpoints = storage.join(run, "teachers", "bpr_mf_sharded", "checkpoints")
+    events: list[dict] = []
+    killed: list[int] = []
+    printer = TeacherLines(cfg.teachers, interval=0)
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        printer(event)
+        if event.get("event") == "epoch" and event.get("valid") is not None and not killed:
+            deadline = time.monotonic() + 60
+            while not any(storage.is_complete(storage.join(checkpoints, f"epoch-{e:06d}")) for e in (2, 4)):
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.2)
+            os.kill(event["pid"], signal.SIGKILL)
+            killed.append(event["pid"])
+
+    (summary,) = train_teachers(cfg, report=on_event)
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert killed and len(resumed) == 1 and resumed[0]["epoch"] >= 2 and resumed[0]["pid"] != killed[0]
+    assert events[-1]["event"] == "done" and summary["epochs_trained"] == 8
+    m = storage.read_manifest(storage.join(run, "teachers", "bpr_mf_sharded", "trajectory"))
+    assert [h["epoch"] for h in m["history"]] == [2, 4, 6, 8] and len(m["trajectory"]) == 4
+    assert 0 < summary["test"]["recall@20"] <= 1
 
 
 # ----------------------------------------------------------------------------- the loop in 2 gloo processes
