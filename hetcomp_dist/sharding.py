@@ -257,8 +257,8 @@ def gather_state(state: Any, env: DistEnv, dst: int = 0) -> Any:
         full = torch.empty(state.size(), dtype=state.dtype, device=env.device) if env.rank == dst else None
         state.gather(dst=dst, out=full)
         out = None if full is None else full.cpu()
-    elif isinstance(state, torch.Tensor):
-        out = state.detach().cpu().clone()
+    elif isinstance(state, torch.Tensor):          # replicated (dense layers, Adam's state): rank dst's
+        out = state.detach().cpu().clone() if env.rank == dst else None
     else:
         out = state
     return out if env.rank == dst else None

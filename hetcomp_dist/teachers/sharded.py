@@ -7,7 +7,9 @@ Where it runs: the teacher's Ray actor (:class:`hetcomp_dist.teachers.actors.Tea
 reserves nothing itself) launches a TorchTrainer of ``workers`` workers, each reserving the teacher's
 ``cpus`` / ``gpus``, and waits for it. Launching from the actor keeps every teacher, sharded or not, one
 actor that the driver waits on and restarts the same way, so sharded and unsharded teachers still train
-concurrently; Ray kills the trainer with its actor (the actor owns it).
+concurrently. The actor owns the trainer's controller actor, so Ray's ownership rule should tear the
+trainer down with the actor (not tested here); a dead Ray Train worker restarts the worker group
+(``ray.max_failures``), which resumes from the checkpoint (tested).
 
 What each worker does (:func:`train_sharded`): loads the dataset, builds the model with its tables on the
 meta device and shards it (:mod:`hetcomp_dist.sharding`: user tables row_wise, item tables
@@ -23,7 +25,7 @@ for the whole run, and evaluated and snapshotted there as an unsharded teacher i
 Rank 0 therefore holds, on top of its shard: the unsharded model (on its device), the gathered state and
 the best state (CPU), and at a checkpoint the gathered optimizer state (rowwise_adagrad: one float per
 row; adagrad: a table's size). Checkpoints are whole (the same format as an unsharded teacher's, plus the
-table optimizer's moments and learning rates), written by rank 0; a resume reads the whole checkpoint on
+table optimizer's moments and learning-rate factor), written by rank 0; a resume reads the whole checkpoint on
 every rank and each keeps its rows. ``workers`` and ``table_optimizer`` are teacher settings (another
 optimizer, or another split of each batch, which drops ``batch_size % workers`` rows), so a checkpoint
 resumes under the same ones; ``item_sharding`` only places rows and may differ.
