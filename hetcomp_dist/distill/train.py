@@ -202,8 +202,9 @@ class _Run:
                 if self.rows is not None:
                     self.rows.step()                              # the batch's user rows only
                 total += loss.detach().double()
+            loss_sum = total.item()                    # inside the timing: waits for the device's queued steps
         self.epoch = epoch
-        return {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(total.item()),
+        return {"event": "epoch", "epoch": epoch, "loss": distributed.sum_over_ranks(loss_sum),
                 "phase": self.objective.phase, "epoch_seconds": self.stopping.train_seconds - before}
 
     def evaluate(self, epoch: int, loss: float) -> dict[str, Any]:
