@@ -59,7 +59,7 @@ def test_models_import_no_distributed_code():
     for name, tree in modules.items():
         if name.startswith("hetcomp_dist.models"):
             deps = _imports(name, tree, set(modules))
-            bad = {d for d in deps if d.startswith(("hetcomp_dist.distributed", "hetcomp_dist.distill",
+            bad = {d for d in deps if d.startswith(("hetcomp_dist.distributed", "hetcomp_dist.sharding", "hetcomp_dist.distill",
                                                     "hetcomp_dist.teachers", "hetcomp_dist.ray_cluster"))}
             assert not bad, f"{name} imports {bad}"
 

@@ -1,7 +1,8 @@
 """What every model family provides, and the name registry the configs refer to.
 
 A model is a plain single-device ``nn.Module`` (tables from :mod:`.tables`); it owns its loss and
-its sampler, and scores all items for a batch of users. Parallelism lives in distributed.py.
+its sampler, and scores all items for a batch of users. Parallelism lives outside models: sharding.py (TorchRec DMP of
+lookup-only families) and distributed.py (collectives).
 
 Devices: everything a model computes with is a parameter or a buffer (graphs and CSR inputs as
 non-persistent buffers, so checkpoints hold weights only), so ``model.to(device)`` moves all of it.
