@@ -180,6 +180,9 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
         metrics = distill_ray(cfg, log_format=args.log_format)
     else:
+        from hetcomp_dist import device
+
+        device.resolve(cfg.distill.device, "distill.device")     # before the TensorBoard writer or the dataset
         progress = Progress(f"student {cfg.distill.method}", cfg.distill.max_epochs, cfg.distill.select_metric,
                             args.log_format, tensorboard_uri(cfg, out))
         try:

@@ -69,7 +69,7 @@ SWEEPS = {"A": ("--sweep-lambda", "0.25,0.5,1", "strategy A values (rule consens
 COLUMNS = [("R@10", "recall@10"), ("N@10", "ndcg@10"), ("R@20", "recall@20"), ("N@20", "ndcg@20"),
            ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("popularity lift@50", LIFT), ("ARP@50", f"arp@{POP_K}"),
            ("coverage@50", f"coverage@{POP_K}")]
-DRIFT_IGNORES = ("out", "threads", "workers", "cpus_per_worker", "gpus_per_worker", "checkpoint")
+DRIFT_IGNORES = ("out", "threads", "workers", "cpus_per_worker", "gpus_per_worker", "checkpoint", "device")
 
 
 # --------------------------------------------------------------------------- pure parts

@@ -7,7 +7,7 @@ import io
 import json
 import time
 
-from hetcomp_dist import lineage, storage
+from hetcomp_dist import device, lineage, storage
 from hetcomp_dist.distill.ensemble_eval import evaluate_ensemble
 from hetcomp_dist.distill.train import distill
 from hetcomp_dist.progress import Progress, TeacherProgress
@@ -20,6 +20,7 @@ def distill_run(cfg: RunConfig, report=None) -> dict:
 
     Under the output's lease, refusing trajectories of another dataset, with the dataset's identity in the
     student's manifests (lineage.student_output)."""
+    device.resolve(cfg.distill.device, "distill.device")     # a device this host lacks: refused before any work
     uris = cfg.layout.trajectories(cfg.teacher_names())
     dataset_uri, out = ensure_dataset(cfg), cfg.student_uri()
     with lineage.student_output(out, dataset_uri, uris):
@@ -44,6 +45,7 @@ def run_pipeline(cfg: RunConfig, methods: tuple[str, ...] = ("bpr", "hetcomp"), 
             log(f"\n== [{stages.index(name) + 1}/{len(stages)}] {name} ==")
         return time.perf_counter()
 
+    device.resolve(cfg.distill.device, "distill.device")     # the students run here: refused before any work
     t0 = stage("prepare")
     ensure_dataset(cfg)
     seconds["prepare"] = time.perf_counter() - t0

@@ -193,8 +193,6 @@ def test_cli_cuda_distillation_without_a_gpu_is_one_line(tmp_path, capsys, datas
 
 
 @no_gpu
-@pytest.mark.xfail(strict=True, reason="hetcomp distill (cli._cmd_distill, pipeline.distill_run) opens the "
-                   "TensorBoard writer and prepares the dataset before distill() resolves distill.device")
 def test_cli_cuda_distillation_without_a_gpu_writes_nothing(tmp_path, datasets_dir, monkeypatch):
     monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
     config = _config_with(tmp_path)
