@@ -83,8 +83,10 @@ class _Steps:
     def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
         for hook in self.hooks:
             hook(name)
-        if hasattr(self.lease, "renew"):
-            self.lease.renew()
+        # Only checked here: lease.hold's thread renews it. A second renewal from this thread could race that
+        # one (both write the lease's one temporary file, and the loser's rename fails), failing the refresh.
+        if hasattr(self.lease, "check"):
+            self.lease.check()
         t0 = time.perf_counter()
         out = fn()
         self.log(f"[{name}] {time.perf_counter() - t0:.1f} s")
