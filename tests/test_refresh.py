@@ -243,3 +243,24 @@ def test_all_scores_finite_bound_and_fallback():
     apart = torch.tensor([[1e20, 0.0]]), torch.tensor([[0.0, 1e20]])       # the bound fails, the scores are 0
     assert gate.all_scores_finite(*apart)
     assert not gate.all_scores_finite(torch.tensor([[float("nan"), 0.0]]), torch.ones(2, 2))
+
+
+def test_a_refresh_killed_after_the_gate_is_continued_not_refused(tmp_path, days):
+    """A version whose gate passed but whose pointer never moved (killed in the export or the promotion, or
+    between the history entry and the pointer) is unfinished: a retry of its file continues it."""
+    d1, d2, _, _ = days
+    layout = Layout(str(tmp_path / "run"))
+    for v, d in ((1, d1), (2, d2)):
+        versions.build_version(layout, v, versions.read_new(d, CFG.new_data), CFG)
+        data = load_dataset(layout.data(v))
+        _fake_student(layout, v, _state(data.n_users, data.n_items, seed=v))
+        with storage.open_output(layout.report(v), kind="refresh-report") as o:
+            o.write_json("report.json", {"promote": True})
+        job.export_version(layout, v, 10)
+    promote.move_pointer(layout, 1, "promote", None, None)
+    assert job._finished(layout, 1) and not job._finished(layout, 2) and not promote.promoted(layout, 2)
+    orphan = {"version": "v0002", "action": "promote", "promotion": 2}     # the entry, but not the pointer
+    storage.write_atomic(layout.promotion(2), json.dumps(orphan).encode())
+    assert not job._finished(layout, 2)
+    promote.move_pointer(layout, 2, "promote", None, None)
+    assert job._finished(layout, 2) and promote.read_current(layout)["promotion"] == 3

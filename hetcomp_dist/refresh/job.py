@@ -2,7 +2,8 @@
 
     1. data: the next version (refresh/versions.py) from ``--new-data`` (without it, and before any
        version, v0001 from the config's ``data.source``); a refresh killed after this step and retried
-       with the same file continues that version instead of refusing the file as a repeat.
+       with the same file continues that version instead of refusing the file as a repeat, until that
+       version's refresh finished (the gate refused it, or its promotion took effect).
     2. teachers: each continues from the newest earlier version's checkpoint, grown (refresh/grow.py),
        for at most ``refresh.teacher_epochs`` epochs or its own stopping rule, and writes the version's
        trajectory. Trajectory of a warm-started teacher: its epoch-0 snapshot is the previous model as it
@@ -103,7 +104,7 @@ def _data_version(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, new_data:
     new = versions.read_new(new_data, rcfg.new_data, id_type)
     if done:
         meta = versions.read_meta(layout, done[-1])
-        if meta["lineage"]["new_data_sha256"] == new["sha256"] and not storage.is_complete(layout.report(done[-1])):
+        if meta["lineage"]["new_data_sha256"] == new["sha256"] and not _finished(layout, done[-1]):
             log(f"continuing {version_name(done[-1])} (built from this file by a refresh that did not finish)")
             return done[-1]
     number = (done[-1] if done else 0) + 1
@@ -112,6 +113,15 @@ def _data_version(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, new_data:
     log(f"{version_name(number)}: {meta['n_users']} users (+{lin['new_users']}), {meta['n_items']} items "
         f"(+{lin['new_items']}), {lin['added_pairs']} new pairs, holdout {meta['splits']['test']} rows")
     return number
+
+
+def _finished(layout: Layout, number: int) -> bool:
+    """Whether version ``number``'s refresh finished: the gate refused it, or its promotion took effect. A refresh
+    killed after the gate passed but before the pointer moved (export, promotion) is continued by a retry of the
+    same file, not refused as a repeat: the version passed the gate and would otherwise never be promoted."""
+    if not storage.is_complete(layout.report(number)):
+        return False
+    return not storage.read_json(layout.report(number), "report.json")["promote"] or promote.promoted(layout, number)
 
 
 def _gate(layout: Layout, cfg: RunConfig, rcfg: RefreshConfig, number: int, data: Dataset,

@@ -59,6 +59,17 @@ def history(layout: Layout) -> list[dict[str, Any]]:
     return out
 
 
+def promoted(layout: Layout, version: int) -> bool:
+    """Whether a promotion of ``version`` took effect: a history entry promoting it that ``current`` has reached
+    (``current.promotion`` at or past the entry's number; an entry left by a process killed before it wrote the
+    pointer has not)."""
+    current = read_current(layout, verify=False)
+    if current is None:
+        return False
+    return any(h.get("version") == version_name(version) and h.get("action") == "promote"
+               and h.get("promotion", 0) <= current["promotion"] for h in history(layout))
+
+
 def _next_number(layout: Layout) -> int:
     fs, path = storage.filesystem(layout.promotions)
     if not fs.exists(path):
