@@ -264,3 +264,24 @@ def test_a_refresh_killed_after_the_gate_is_continued_not_refused(tmp_path, days
     assert not job._finished(layout, 2)
     promote.move_pointer(layout, 2, "promote", None, None)
     assert job._finished(layout, 2) and promote.read_current(layout)["promotion"] == 3
+
+
+def test_warm_start_checkpoints_keep_the_loops_fused_adam(tmp_path, days):
+    """A resumed Adam takes its settings from the checkpoint: the warm start's must be fused like the loops'."""
+    from hetcomp_dist.distill.config import DistillConfig
+    from hetcomp_dist.distill.train import checkpointer as student_checkpointer
+    from hetcomp_dist.teachers.config import TeacherConfig, TrajectoryConfig
+    from hetcomp_dist.teachers.train import checkpointer as teacher_checkpointer
+
+    d1, _, _, _ = days
+    layout = Layout(str(tmp_path / "run"))
+    versions.build_version(layout, 1, versions.read_new(d1, CFG.new_data), CFG)
+    data = load_dataset(layout.data(1))
+    teacher = TeacherConfig(name="mf", model="bpr_mf", params={"dim": 4}, select_metric="recall@20")
+    out = str(tmp_path / "teacher")
+    grow.warm_teacher(teacher, data, {}, out, TrajectoryConfig(k=5, observed_k=5), (20,), 1024)
+    assert teacher_checkpointer(out, teacher).load()["optimizer"]["param_groups"][0]["fused"] is True
+    student = DistillConfig(dim=4)
+    grow.warm_student(student, data, _state(3, 3), 1, 1, str(tmp_path / "student"))
+    state = student_checkpointer(str(tmp_path / "student"), student).load()
+    assert state["optimizer"]["param_groups"][0]["fused"] is True

@@ -67,7 +67,9 @@ def warm_teacher(cfg: TeacherConfig, data: Dataset, old_state: dict[str, torch.T
     model = models.build(cfg.model, data.n_users, data.n_items, data.train, cfg.params)
     grown, untouched = grow_state(old_state, model.state_dict())
     model.load_state_dict(grown)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused as the loop's own: a resumed Adam takes its settings from the checkpoint's param_groups, so an
+    # unfused one here would leave the whole continuation on the slower unfused step.
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     stopping = Stopping(cfg.patience, cfg.min_delta, cfg.max_train_seconds)
     writer = TrajectoryWriter(storage.join(out, "trajectory"), model=cfg.model, n_users=data.n_users, k=trajectory.k,
                               n_items=data.n_items, observed_k=trajectory.observed_k,
@@ -97,7 +99,7 @@ def warm_student(cfg: DistillConfig, data: Dataset, old_state: dict[str, torch.T
     fresh = Student(data.n_users, data.n_items, cfg.dim, init_std=cfg.init_std)
     grown, untouched = grow_state({k: old_state[k] for k in (USER_KEY, ITEM_KEY)}, fresh.state_dict())
     fresh.load_state_dict(grown)
-    optimizer = torch.optim.Adam(fresh.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # (as above)
     first = n_stages - 1 if cfg.method == "final_ensemble" else 0
     if cfg.method == "bpr":
         objective = {"stage": torch.zeros(0), "last": torch.zeros(0)}
