@@ -290,6 +290,8 @@ def _token(data: bytes) -> str | None:
 
 # ----------------------------------------------------------------------------- the lease
 
+_RENEWING = threading.Lock()     # module-level: a Lease must stay picklable (Ray workers check it)
+
 @dataclass
 class Lease:
     """A lease we hold on ``prefix`` (``uri`` is its object). Picklable: a Ray worker can ``check()`` it."""
@@ -329,14 +331,15 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease by ``ttl_s`` from now (conditional on it being ours); LeaseLost if it is not."""
-        if self._lost:
-            raise LeaseLost(self._lost)
-        data, expires = self._data()
-        version = _backend(self.uri).renew(self._version, data, self.token)
-        if version is None:
-            self._lost = f"{self.prefix}: our lease {self.uri} was taken over or removed (renewal refused)"
-            raise LeaseLost(self._lost)
-        self._version, self.expires_at = version, expires
+        with _RENEWING:      # one renewal at a time per process: two at once collide (same temp file, stale IfMatch)
+            if self._lost:
+                raise LeaseLost(self._lost)
+            data, expires = self._data()
+            version = _backend(self.uri).renew(self._version, data, self.token)
+            if version is None:
+                self._lost = f"{self.prefix}: our lease {self.uri} was taken over or removed (renewal refused)"
+                raise LeaseLost(self._lost)
+            self._version, self.expires_at = version, expires
 
     def release(self) -> None:
         """Remove the lease if it is still ours (a lost lease is left to its new owner)."""

@@ -90,6 +90,28 @@ def test_an_expired_lease_is_taken_over(storage_root: str) -> None:
     assert not storage.exists(new.uri)
 
 
+def test_concurrent_renewals_in_one_process_do_not_lose_the_lease(storage_root: str) -> None:
+    """A step renewing while lease.hold's thread renews: both must succeed (they once shared a temp file)."""
+    held = lease.acquire(storage.join(storage_root, "out"), owner="me")
+    errors: list[BaseException] = []
+
+    def renew_many() -> None:
+        try:
+            for _ in range(15):
+                held.renew()
+        except BaseException as e:                 # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=renew_many) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    held.check()
+    held.release()
+
+
 def test_the_holder_renews_its_lease(storage_root: str) -> None:
     prefix = storage.join(storage_root, "out")
     with lease.hold(prefix, ttl_s=0.6) as held:
