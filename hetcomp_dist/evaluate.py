@@ -95,6 +95,15 @@ class RankingSums:
         return out
 
 
+SCORE_BUFFER_ELEMENTS = 2**25
+
+
+def rows_per_buffer(n_items: int) -> int:
+    """Users per dense users x items buffer: at most 2^25 elements (128 MiB of float32), so what a worker
+    holds while it ranks or builds targets does not grow with the catalogue."""
+    return max(1, SCORE_BUFFER_ELEMENTS // max(n_items, 1))
+
+
 def evaluate(
     scorer: Scorer,
     train: Interactions,
@@ -118,7 +127,8 @@ def evaluate(
             min(|truth_u|, K) ranks (binary relevance).
         exclude: further splits whose items are excluded (e.g. valid when testing).
         ks: cutoffs; all come from one top-max(K).
-        batch_size: users per scorer call (peak memory ~ batch_size x n_items scores).
+        batch_size: users per scorer call (peak memory ~ batch_size x n_items scores), at most
+            :func:`rows_per_buffer`.
         users: users to evaluate; default every user with a non-empty ``truth``. A user given
             here with an empty truth counts with recall = ndcg = 0.
         progress: show a tqdm bar over batches.
@@ -297,6 +307,7 @@ def _ranked_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = min(batch_size, rows_per_buffer(n_items))
     k_eff = min(k, n_items)
     starts = range(0, len(users), batch_size)
     if progress:

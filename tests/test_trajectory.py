@@ -503,3 +503,29 @@ def test_writer_memory_does_not_grow_with_users(tmp_path):
         tracemalloc.stop()
     assert len(record["entry"]["row_groups"]) == 20
     assert peak < payload / 4, (peak, payload)
+
+
+def test_stored_list_scorer_reads_only_the_spans_of_its_users(tmp_path):
+    """Sparse users in any order: the lists equal a whole read, and no read spans more than ``span`` users."""
+    from hetcomp_dist.distill.objectives import StoredListScorer
+    from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+    n, k, uris = 2000, 10, []
+    for t in range(2):
+        uri = str(tmp_path / f"t{t}")
+        w = TrajectoryWriter(uri, model="MF", n_users=n, k=k, n_items=N_ITEMS, row_group_users=100)
+        for epoch in (1, 2):
+            w.write_snapshot(epoch, {"recall@20": 0.1 * epoch}, batches(topk(n, k, 10 * t + epoch)))
+        w.finish(observed_batches(observed_lists(n, seed=t)))
+        uris.append(uri)
+    reader = TrajectoryReader(uris)
+    users = torch.tensor([1999, 3, 700, 3, 1500, 0, 701, 1200])
+    for stage in (None, 0):
+        scorer = StoredListScorer(reader, N_ITEMS, 10.0, stage=stage, span=300)
+        spans = []
+        read = scorer._read
+        scorer._read = lambda lo, hi: spans.append((lo, hi)) or read(lo, hi)
+        whole = reader.final(0, n) if stage is None else reader.lists_at(0, n, torch.zeros(n, 2, dtype=torch.long))
+        assert torch.equal(scorer.lists(users), whole[users])
+        assert max(hi - lo for lo, hi in spans) <= 300 and sum(hi - lo for lo, hi in spans) < 700, spans
+        assert torch.equal(scorer(users), StoredListScorer(reader, N_ITEMS, 10.0, stage=stage, span=n)(users))

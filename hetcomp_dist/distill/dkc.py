@@ -31,7 +31,9 @@ def discrepancy(student_top: torch.Tensor, targets: torch.Tensor, k: int = DISCR
     """
     s = student_top[:, :k]
     pi = targets[..., :k]
-    hit = (s[:, None, :, None] == pi[:, :, None, :]).any(-1)  # [B, T, k]: s_t in pi[:k]
+    hit = torch.zeros(pi.shape[0], pi.shape[1], s.shape[1], dtype=torch.bool)  # [B, T, k]: s_t in pi[:k]
+    for j in range(pi.shape[-1]):     # one column at a time: a [B, T, k, k] comparison is 2.5k bytes per pair
+        hit |= s[:, None, :] == pi[:, :, j, None]
     gains = _gains(k)
     ndcg = (hit.double() * gains[: s.shape[1]]).sum(-1) / gains.sum()
     return 1.0 - torch.round(ndcg, decimals=4)

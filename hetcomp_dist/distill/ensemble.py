@@ -1,8 +1,8 @@
 """Ensemble targets from teachers' top-K lists (ALGORITHM.md §4), one user batch at a time.
 
 Rank importance is a function of rank that is zero past K, so the lists carry all of it:
-score_u(i) = sum over teachers of imp(rank of i in that teacher's list for u). The dense
-B x n_items score buffer lives only for one batch.
+score_u(i) = sum over teachers of imp(rank of i in that teacher's list for u). Targets rank only the
+listed items; a dense B x n_items score buffer is built only for a full-item scorer (evaluation).
 """
 
 from __future__ import annotations
@@ -41,10 +41,36 @@ def ensemble_scores(lists: torch.Tensor, n_items: int, importance: torch.Tensor,
 
 def ensemble_topk(lists: torch.Tensor, n_items: int, top: int, importance: torch.Tensor,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The ensemble's top ``top`` items per user: int64 [B, top], -1 where fewer items scored > 0."""
-    scores = ensemble_scores(lists, n_items, importance, weights)
-    values, items = torch.topk(scores, min(top, n_items), dim=1)
-    return torch.where(values > 0, items, PAD)
+    """The ensemble's top ``top`` items per user: int64 [B, top], -1 where fewer items scored > 0.
+
+    Only the items in a user's lists can score, so the ranking runs over those T x K entries, not the
+    catalogue: per user, entries sorted by item, summed per item in list order (the same sums as
+    :func:`ensemble_scores`), then ordered by score, equal scores by item id (a fixed rule, where a
+    top-k over the dense scores would break ties as its kernel happens to).
+    """
+    b, t, k = lists.shape
+    value = importance[:k].expand(b, t, k) if weights is None else importance[:k] * weights
+    valid = lists >= 0
+    items = torch.where(valid, lists.long(), n_items).reshape(b, -1)        # padding: item n_items, scores nothing
+    value = torch.where(valid, value, torch.zeros(())).reshape(b, -1)
+    items, order = items.sort(dim=1, stable=True)
+    value = value.gather(1, order)
+    # one segment per (user, item): a run of equal items in a row; segments are numbered row by row
+    starts = torch.ones_like(items, dtype=torch.bool)
+    starts[:, 1:] = items[:, 1:] != items[:, :-1]
+    segment = starts.reshape(-1).cumsum(0) - 1
+    sums = torch.zeros(b * items.shape[1]).index_add_(0, segment, value.reshape(-1))
+    rows, pos = starts.nonzero(as_tuple=True)
+    col = (starts.cumsum(1) - 1)[rows, pos]
+    width = max(int(col.max()) + 1 if len(col) else 0, top)
+    scores = torch.full((b, width), float("-inf"))
+    seg_items = torch.full((b, width), PAD, dtype=torch.long)
+    scores[rows, col] = sums[:len(rows)]
+    seg_items[rows, col] = items[rows, pos]
+    scores = torch.where((seg_items < n_items) & (scores > 0), scores, float("-inf"))
+    ranked, pos = scores.sort(dim=1, descending=True, stable=True)      # stable: equal scores stay in item order
+    out = seg_items.gather(1, pos[:, :top])
+    return torch.where(ranked[:, :top] > float("-inf"), out, PAD)
 
 
 class ListScorer:

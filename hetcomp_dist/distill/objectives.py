@@ -27,7 +27,7 @@ from hetcomp_dist.distill import akt, baselines, dissensus, dkc, teacher_weights
 from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.distill.ensemble import ListScorer, ensemble_topk, rank_importance, shifted_scorer
 from hetcomp_dist.distill.student import Student
-from hetcomp_dist.evaluate import topk_items
+from hetcomp_dist.evaluate import rows_per_buffer, topk_items
 from hetcomp_dist.models import sampling
 from hetcomp_dist.teachers.trajectory import TrajectoryReader
 
@@ -132,7 +132,7 @@ class KDObjective:
     """
 
     def __init__(self, cfg: DistillConfig, data: Dataset, student: Student, reader: TrajectoryReader,
-                 start: int, stop: int, rank: int, block: int = 65536):
+                 start: int, stop: int, rank: int, block: int = 16384):
         _check_held(data, start, stop)
         self.cfg, self.data, self.student, self.reader = cfg, data, student, reader
         self.start, self.stop, self.block, self.n_users = start, stop, block, data.n_users
@@ -180,8 +180,9 @@ class KDObjective:
         out = torch.empty(self.stop - self.start, self.cfg.observed_size, dtype=torch.int32)
         for part, lo, hi in self._blocks(torch.arange(self.stop - self.start)):
             observed = self.reader.observed(lo, hi)
-            for b in range(0, len(part), 1024):              # a dense 1024 x n_items buffer at a time
-                out[part[b:b + 1024]] = ensemble_topk(observed[b:b + 1024], self.data.n_items,
+            rows = min(1024, rows_per_buffer(self.data.n_items))    # one dense rows x n_items buffer at a time
+            for b in range(0, len(part), rows):
+                out[part[b:b + rows]] = ensemble_topk(observed[b:b + rows], self.data.n_items,
                                                       self.cfg.observed_size, importance).int()
         return out
 
@@ -289,19 +290,40 @@ class KDObjective:
 
 class StoredListScorer:
     """An ensemble scorer over global user ids that reads the lists it needs from storage per batch:
-    every teacher's final list, or each teacher's list at ``stage`` (one stage for all)."""
+    every teacher's final list, or each teacher's list at ``stage`` (one stage for all).
+
+    A batch's users are read in runs of at most ``span`` consecutive ids, so sparse users (e.g. the
+    evaluated ones) cost the row groups they sit in, not every list between the lowest and highest id.
+    """
 
     def __init__(self, reader: TrajectoryReader, n_items: int, temperature: float, stage: int | None = None,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, span: int = 8192):
         self.reader, self.n_items, self.temperature, self.stage, self.weights = reader, n_items, temperature, stage, weights
+        self.span = span
+
+    def _read(self, lo: int, hi: int) -> torch.Tensor:
+        if self.stage is None:
+            return self.reader.final(lo, hi)
+        return self.reader.lists_at(lo, hi, torch.full((hi - lo, self.reader.n_teachers), self.stage))
+
+    def lists(self, users: torch.Tensor) -> torch.Tensor:
+        """int32 [len(users), T, K]: the lists of ``users`` (any order, repeats allowed)."""
+        order = torch.argsort(users)
+        ordered = users[order]
+        parts, i = [], 0
+        while i < len(ordered):
+            lo = int(ordered[i])
+            j = int(torch.searchsorted(ordered, lo + self.span))
+            parts.append(self._read(lo, int(ordered[j - 1]) + 1)[ordered[i:j] - lo])
+            i = j
+        if not parts:
+            return torch.zeros(0, self.reader.n_teachers, 1, dtype=torch.int32)
+        out = torch.cat(parts)
+        out[order] = out.clone()              # back to the callers' order
+        return out
 
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
-        lo, hi = int(users.min()), int(users.max()) + 1
-        if self.stage is None:
-            lists = self.reader.final(lo, hi)
-        else:
-            lists = self.reader.lists_at(lo, hi, torch.full((hi - lo, self.reader.n_teachers), self.stage))
-        scorer = ListScorer(lists[users - lo], self.n_items, self.temperature, self.weights)
+        scorer = ListScorer(self.lists(users), self.n_items, self.temperature, self.weights)
         return shifted_scorer(scorer, 0)(torch.arange(len(users)))
 
 
@@ -341,7 +363,7 @@ class TargetBuilder:
     def __init__(self, cfg: DistillConfig, n_items: int, importance: torch.Tensor, pop: torch.Tensor,
                  item_counts: torch.Tensor, teacher_weights: torch.Tensor | None = None, batch: int = 1024):
         self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
-        self.teacher_weights, self.batch = teacher_weights, batch
+        self.teacher_weights, self.batch = teacher_weights, min(batch, rows_per_buffer(n_items))
 
     def __call__(self, lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each user's lists at their stages (int [U, T, K]) -> targets int64 [U, size] (-1 padded),
