@@ -52,3 +52,22 @@ def test_topk_pads_when_few_items_scored():
     lists = torch.tensor([[[3, 1, -1]]])
     top = ensemble_topk(lists, 10, 4, rank_importance(3))
     assert top.tolist() == [[3, 1, -1, -1]]
+
+
+def test_topk_ranks_listed_items_by_score_then_item_id():
+    """The sparse ranking gives the dense scores' order; equal scores go by ascending item id."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(6):
+        n = [25, 300, 4000][trial % 3]
+        lists = torch.randint(0, n, (40, 4, 20), generator=g)
+        lists[torch.rand(lists.shape, generator=g) < 0.1] = -1
+        weights = torch.rand(lists.shape, generator=g) if trial % 2 else None   # None: many exact ties
+        imp = rank_importance(20)
+        top = ensemble_topk(lists, n, 30, imp, weights)
+        dense = ensemble_scores(lists, n, imp, weights)
+        values, _ = torch.topk(dense, min(30, n), dim=1)
+        for u in range(40):
+            got = [(float(dense[u, i]), int(i)) for i in top[u] if i >= 0]
+            assert got == sorted(got, key=lambda x: (-x[0], x[1]))                       # the tie rule
+            assert [v for v, _ in got] == [float(v) for v in values[u] if v > 0]          # the same scores
+            assert (top[u, len(got):] == -1).all()
