@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
-from typing import Iterator
+from typing import Any, Iterator
 
 from hetcomp_dist.run import RayConfig
 
@@ -60,3 +60,24 @@ def _loopback_node_ip() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def train_storage(path: str | None, endpoint_url: str | None = None) -> tuple[str | None, Any]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for ``ray.train_storage_path``.
+
+    Ray Train (2.60) opens the folder with ``pyarrow.fs.FileSystem.from_uri(storage_path)`` in its controller
+    actor, wherever Ray placed it, where pyarrow takes the S3 endpoint from that process's
+    AWS_ENDPOINT_URL(_S3) and knows nothing of ``storage.endpoint_url``. For an s3:// path with an endpoint
+    (the run's ``storage.endpoint_url``, else the driver's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) the
+    filesystem is made here instead: it travels to the controller and the workers with its endpoint and
+    without credentials (each process takes its own node's, as for the run's outputs). Otherwise (AWS
+    itself, a shared path, None for Ray's default) Ray resolves the path as usual.
+    """
+    if not path or not path.startswith("s3://"):
+        return path, None
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    from pyarrow import fs
+
+    return path[len("s3://"):].rstrip("/"), fs.S3FileSystem(endpoint_override=endpoint)

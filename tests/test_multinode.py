@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import pytest
 
 from hetcomp_dist import config, storage
-from hetcomp_dist.distill.ray_job import train_storage
+from hetcomp_dist.ray_cluster import train_storage
 from hetcomp_dist.run import RunConfig
 from procs import REPO, VENV_BIN, clean_env, die_with_parent, kill_mentioning
 from test_teachers_ray import NAMES, check_run

@@ -218,7 +218,7 @@ def test_teachers_on_ray_actors_map_failures_and_pids(tmp_path, days, monkeypatc
         report({"teacher": "lightgcn", "event": "epoch", "pid": 4343})
         raise actors.TeachersFailed("teacher(s) failed: lightgcn (the others finished; ...)")
 
-    monkeypatch.setattr(actors, "_train_on_ray", fake_train_on_ray)
+    monkeypatch.setattr(actors, "train_on_ray", fake_train_on_ray)
     records = {r["name"]: r for r in teachers.train_version_teachers(layout, cfg, rcfg, 2, data, lambda m: None)}
     assert calls == [(["bpr_mf", "lightgcn"], layout.data(2), layout.trajectory(2, "bpr_mf"))]
     bpr, gcn = records["bpr_mf"], records["lightgcn"]

@@ -22,7 +22,7 @@ current CUDA device is its assigned GPU (``ray.train.torch.get_device()``), whic
 ``device.resolve`` gives the loop there.
 
 Placement: ``ray.placement_strategy`` (the workers' placement group: PACK, SPREAD, STRICT_*). Ray Train's
-own run folder: ``ray.train_storage_path`` (s3:// or a path every node shares; see :func:`train_storage`).
+own run folder: ``ray.train_storage_path`` (s3:// or a path every node shares; see :func:`hetcomp_dist.ray_cluster.train_storage`).
 
 Fault injection for tests: ``hooks`` (picklable callables) are called on every worker after each
 evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` does.
@@ -35,7 +35,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from hetcomp_dist import device, lineage, storage
-from hetcomp_dist.ray_cluster import init_ray
+from hetcomp_dist.ray_cluster import init_ray, train_storage
 from hetcomp_dist.run import RunConfig, ensure_dataset
 
 
@@ -59,16 +59,17 @@ def distill_ray(cfg: RunConfig, report: Callable[[dict], None] | None = None,
     dataset_uri = ensure_dataset(cfg)
     train_path, train_fs = train_storage(storage_path or cfg.ray.train_storage_path, cfg.storage.endpoint_url)
     with lineage.student_output(out, dataset_uri, uris) as (held, identity):   # the driver holds <out>'s lease
-        _fit(cfg, dataset_uri, uris, out, hooks, log_format, train_path, train_fs, held, identity)
+        fit(cfg, dataset_uri, uris, out, hooks, log_format, train_path, train_fs, held, identity)
     metrics = storage.read_json(out, "metrics.json")
     if report:
         report(metrics)
     return metrics
 
 
-def _fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Sequence[Callable], log_format: str,
-         train_path: str | None, train_fs: Any, held: Any, identity: dict) -> None:
-    """Ray Train's run of :func:`_worker` (the workers check the driver's lease before each manifest)."""
+def fit(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, hooks: Sequence[Callable], log_format: str,
+        train_path: str | None, train_fs: Any, held: Any, identity: dict) -> None:
+    """Ray Train's run of :func:`_worker` on explicit inputs (the refresh passes a data version's): the
+    workers check the driver's lease ``held`` before each manifest."""
     import ray
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,27 +107,6 @@ def workers_config(cfg: RunConfig) -> RunConfig:
     resolves what the driver placed, never ``auto`` again on a node whose GPUs it did not reserve."""
     placed = workers_device(cfg.distill)
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, device=placed))
-
-
-def train_storage(path: str | None, endpoint_url: str | None = None) -> tuple[str | None, Any]:
-    """Ray Train's ``(storage_path, storage_filesystem)`` for ``ray.train_storage_path``.
-
-    Ray Train (2.60) opens the folder with ``pyarrow.fs.FileSystem.from_uri(storage_path)`` in its controller
-    actor, wherever Ray placed it, where pyarrow takes the S3 endpoint from that process's
-    AWS_ENDPOINT_URL(_S3) and knows nothing of ``storage.endpoint_url``. For an s3:// path with an endpoint
-    (the run's ``storage.endpoint_url``, else the driver's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) the
-    filesystem is made here instead: it travels to the controller and the workers with its endpoint and
-    without credentials (each process takes its own node's, as for the run's outputs). Otherwise (AWS
-    itself, a shared path, None for Ray's default) Ray resolves the path as usual.
-    """
-    if not path or not path.startswith("s3://"):
-        return path, None
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return path, None
-    from pyarrow import fs
-
-    return path[len("s3://"):].rstrip("/"), fs.S3FileSystem(endpoint_override=endpoint)
 
 
 def _worker(config: dict[str, Any]) -> None:

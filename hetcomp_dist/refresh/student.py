@@ -72,7 +72,7 @@ def _on_ray_train(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, h
     from hetcomp_dist.distill import ray_job
 
     d: DistillConfig = cfg.distill
-    train_path, train_fs = ray_job.train_storage(cfg.ray.train_storage_path, cfg.storage.endpoint_url)
-    ray_job._fit(cfg, dataset_uri, uris, out, (), "text", train_path, train_fs, held, identity)
+    train_path, train_fs = ray_cluster.train_storage(cfg.ray.train_storage_path, cfg.storage.endpoint_url)
+    ray_job.fit(cfg, dataset_uri, uris, out, (), "text", train_path, train_fs, held, identity)
     if not storage.is_complete(out):
         raise RuntimeError(f"{out}: Ray Train ({d.workers} workers) finished without a complete student")

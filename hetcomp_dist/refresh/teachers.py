@@ -5,7 +5,7 @@ Where they train:
 
 - in this process, one after another (the default);
 - with ``refresh.ray``, concurrently on the Ray actors of ``hetcomp train-teachers``
-  (:func:`hetcomp_dist.teachers.actors._train_on_ray`: one actor per teacher, its ``cpus`` / ``gpus``,
+  (:func:`hetcomp_dist.teachers.actors.train_on_ray`: one actor per teacher, its ``cpus`` / ``gpus``,
   restarted up to ``ray.max_restarts`` times, each restart resuming from the teacher's newest checkpoint).
   The warm start's preparation (the grown epoch-0 checkpoint and the epoch-0 snapshot, one evaluation per
   teacher) is written by the driver first, because the actor only runs ``train_teacher``, which resumes
@@ -139,7 +139,7 @@ def _on_actors(layout: Layout, cfg: RunConfig, number: int, todo: list[_Plan], l
 
     failed = ""
     try:
-        actors._train_on_ray(at_version, [p.train for p in todo], layout.data(number), report)
+        actors.train_on_ray(at_version, [p.train for p in todo], layout.data(number), report)
     except actors.TeachersFailed as e:
         failed = str(e)
     for p in todo:

@@ -132,7 +132,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
             results[t.name] = train_teacher(t, dataset_uri, cfg.layout.teacher(t.name), cfg.trajectory,
                                             tuple(cfg.ks), cfg.eval_batch_size, report, devices[t.name])
     elif todo:
-        results.update(_train_on_ray(cfg, todo, dataset_uri, report))
+        results.update(train_on_ray(cfg, todo, dataset_uri, report))
 
     summaries = [results[n] for n in names]
     with storage.open_output(cfg.layout.teachers_summary, kind="teacher-summary",
@@ -187,8 +187,10 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def _train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str,
-                  report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
+def train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str,
+                 report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
+    """Train ``teachers`` on ``dataset_uri`` concurrently, one Ray actor each (the refresh passes a data
+    version and warm-starting configs); their summaries by name."""
     import ray
 
     started = init_ray(cfg.ray)

@@ -57,7 +57,7 @@ def fit(cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any, p
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hetcomp_dist.distill.ray_job import train_storage
+    from hetcomp_dist.ray_cluster import train_storage
 
     out = cfg.layout.teacher(teacher.name)
     path, fs = train_storage(cfg.ray.train_storage_path, cfg.storage.endpoint_url)
