@@ -69,6 +69,7 @@ def _on_ray_train(cfg: RunConfig, dataset_uri: str, uris: list[str], out: str, h
     refresh's versions do not use, so its fit step is called with them (the same TorchTrainer, workers,
     FailureConfig, placement and Ray Train storage), under the lease this process holds on ``out``.
     """
+    from hetcomp_dist import ray_cluster
     from hetcomp_dist.distill import ray_job
 
     d: DistillConfig = cfg.distill
