@@ -31,7 +31,6 @@ evaluation and its checkpoint, as :func:`hetcomp_dist.distill.train.distill` doe
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Sequence
 
 from hetcomp_dist import device, lineage, storage

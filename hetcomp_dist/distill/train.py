@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from hetcomp_dist import storage
-from hetcomp_dist.data.dataset import Dataset, Interactions
+from hetcomp_dist.data.dataset import Dataset
 from hetcomp_dist.distill.student import ITEM_KEY, USER_KEY
 from hetcomp_dist.storage import StorageError
 

@@ -18,7 +18,6 @@ checkpoints (written with CPU tensors, so a checkpoint resumes on any device).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
