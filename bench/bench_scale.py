@@ -44,8 +44,8 @@ Per rank it records:
   real resume also rebuilds T_u from the trajectories (``KDObjective.load_state_dict``), the same
   cost as the setup's T_u build; that is not in the read time.
 
-    nice -n 5 .venv/bin/python bench/bench_scale.py --sizes 100k 500k          # ~90 min at load 3-6 on 2 CPUs
-    nice -n 5 .venv/bin/python bench/bench_scale.py --sizes 2M --adam-sizes    # ~3-3.5 h projected there
+    nice -n 5 .venv/bin/python bench/bench_scale.py --sizes 100k 500k          # ~25 min at load 3-6 on 2 CPUs
+    nice -n 5 .venv/bin/python bench/bench_scale.py --sizes 2M --adam-sizes    # ~65 min there (10 of them data)
     nice -n 5 .venv/bin/python bench/bench_scale.py --render                   # table + plot from the results
 
 Results accumulate in <workdir>/results.json (one entry per size, W, optimizer; without it, in the copy
