@@ -11,16 +11,19 @@ fused optimizer fbgemm has on CPU), so the comparison is the cost of the shardin
   under DistributedModelParallel; rank r feeds the r-th 1/W of the global batch (any users) and
   TorchRec routes ids and pooled rows with all-to-alls, the update running inside backward.
 
-The loss is <e_u, g_u> with a fixed random g per row position, enough to give every looked-up row a
-gradient; the item table (replicated, its gradient all-reduced in both designs) is left out because
-it costs the same in both. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
+The loss is <e_u, g_u> with a random g per looked-up row, enough to give every looked-up row a
+gradient. ``--table item`` measures the item table instead (``--users`` is then the catalogue) under the
+sampled denominator, where each rank looks up ``--negatives`` sampled items and ``--targets`` items per
+user of its share of the batch: ``hand`` is what distill/train.py does (the table replicated, its dense
+gradient all-reduced, then the looked-up rows updated), ``dmp`` the table sharded row-wise. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
 columns are not a multiple of 4, so the reference student (dim 6) cannot take this path at all. Reported per variant, per world size and users: median ms per step after
 warm-up, peak RSS per rank, and the user-table bytes each rank holds.
 
     .venv/bin/python bench/bench_sharding.py                       # 100k and 1M users, W = 1 and 2
     .venv/bin/python bench/bench_sharding.py --users 100000 --steps 50
+    .venv/bin/python bench/bench_sharding.py --table item --users 100000 1000000   # the item table, sampled
 
-Writes bench/out/sharding.txt and bench/out/sharding.png.
+Writes bench/out/sharding.txt and bench/out/sharding.png (``--table item``: sharding_items.*).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,7 +69,42 @@ def _hand(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, 
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
 
 
-def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int) -> dict:
+def _sampled_items(items: int, batch: int, world: int, rank: int, negatives: int, targets: int) -> Any:
+    """A rank's item lookups of one step: ``negatives`` sampled items (its own draw) and ``targets`` target
+    items for each of its batch // W users, popularity-free (uniform): the sampled denominator's lookups."""
+    def ids(gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(items, (negatives + batch // world * targets,), generator=gen)
+    return ids
+
+
+def _hand_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
+                item_ids: Any) -> dict:
+    weight = (torch.randn(items, dim) * 0.01).requires_grad_()
+    state = torch.zeros(items)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(warmup + steps):
+        ids = item_ids(gen)
+        g = torch.randn(len(ids), dim, generator=gen)
+        t0 = _now()
+        weight.grad = None
+        (torch.nn.functional.embedding(ids, weight) * g).sum().backward()
+        if world > 1:
+            dist.all_reduce(weight.grad)              # the distillation's item table: every rank's sum
+        with torch.no_grad():
+            rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
+            grad = weight.grad[rows]
+            state[rows] += grad.pow(2).mean(1)
+            weight[rows] -= LR * grad / (state[rows].sqrt() + EPS)[:, None]
+        if step >= warmup:
+            times.append(_now() - t0)
+    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+
+def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
+         item_ids: Any = None) -> dict:
+    """``item_ids``: None for the user table (rank r feeds the r-th 1/W of the batch), else a function
+    ``(generator) -> ids`` giving this rank's item lookups of a step (the table then holds ``users`` items)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -84,12 +123,15 @@ def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, w
                                      device=torch.device("cpu"), plan=plan, sharders=[sharder])
     gen = torch.Generator().manual_seed(0)
     part = batch // world
-    g = torch.randn(part, dim, generator=gen)
     times = []
     for step in range(warmup + steps):
-        ids = torch.randint(users, (batch,), generator=gen)[rank * part:(rank + 1) * part]
+        if item_ids is None:
+            ids = torch.randint(users, (batch,), generator=gen)[rank * part:(rank + 1) * part]
+        else:
+            ids = item_ids(gen)
+        g = torch.randn(len(ids), dim, generator=gen)
         t0 = _now()
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user"], values=ids, lengths=torch.ones(part, dtype=torch.int32))
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user"], values=ids, lengths=torch.ones(len(ids), dtype=torch.int32))
         (model(kjt).to_dict()["user"] * g).sum().backward()
         if step >= warmup:
             times.append(_now() - t0)
@@ -112,8 +154,12 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    fn = _hand if args["variant"] == "hand" else _dmp
-    result = fn(args["users"], args["dim"], args["batch"], args["steps"], args["warmup"], rank, world)
+    sizes = (args["users"], args["dim"], args["batch"], args["steps"], args["warmup"], rank, world)
+    if args["table"] == "user":
+        result = (_hand if args["variant"] == "hand" else _dmp)(*sizes)
+    else:
+        ids = _sampled_items(args["users"], args["batch"], world, rank, args["negatives"], args["targets"])
+        result = (_hand_items if args["variant"] == "hand" else _dmp)(*sizes, ids)
     dist.barrier()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(json.dumps(result))
@@ -129,7 +175,8 @@ def _free_port() -> int:
 def run_one(variant: str, users: int, world: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         spec = {"variant": variant, "users": users, "dim": args.dim, "batch": args.batch,
-                "steps": args.steps, "warmup": args.warmup}
+                "steps": args.steps, "warmup": args.warmup, "table": args.table, "negatives": args.negatives,
+                "targets": args.targets}
         mp.start_processes(_worker, args=(world, _free_port(), spec, out), nprocs=world, start_method="spawn")
         ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
     return {"variant": variant, "users": users, "world": world, "ms": max(r["ms"] for r in ranks),
@@ -144,6 +191,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--table", choices=("user", "item"), default="user",
+                   help="item: --users is the catalogue; each rank looks up --negatives sampled items and "
+                        "--targets per user (the sampled denominator); hand = replicated, gradient all-reduced")
+    p.add_argument("--negatives", type=int, default=1000)
+    p.add_argument("--targets", type=int, default=50)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
     rows = []
@@ -153,19 +205,21 @@ def main() -> int:
                 rows.append(run_one(variant, users, world, args))
                 r = rows[-1]
                 print(f"{variant:5s} users {users:>9,d}  W={world}  {r['ms']:8.3f} ms/step  "
-                      f"peak RSS {r['rss_mb']:7.0f} MB/rank  user table {r['table_mb']:7.1f} MB/rank", flush=True)
-    table = _table(rows)
+                      f"peak RSS {r['rss_mb']:7.0f} MB/rank  {args.table} table {r['table_mb']:7.1f} MB/rank", flush=True)
+    table = _table(rows, args.table)
     print("\n" + table)
     OUT.mkdir(exist_ok=True)
-    (OUT / "sharding.txt").write_text(table + "\n")
+    suffix = "" if args.table == "user" else "_items"
+    (OUT / f"sharding{suffix}.txt").write_text(table + "\n")
     if not args.no_plot:
-        _plot(rows)
+        _plot(rows, args.table, suffix)
     return 0
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["| users | W | hand ms/step | DMP ms/step | DMP / hand | hand RSS MB/rank | DMP RSS MB/rank | "
-             "user table MB/rank (hand / DMP) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+def _table(rows: list[dict], table: str = "user") -> str:
+    what = "users" if table == "user" else "items"
+    lines = [f"| {what} | W | hand ms/step | DMP ms/step | DMP / hand | hand RSS MB/rank | DMP RSS MB/rank | "
+             f"{table} table MB/rank (hand / DMP) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
     by = {(r["variant"], r["users"], r["world"]): r for r in rows}
     for users, world in sorted({(r["users"], r["world"]) for r in rows}):
         h, d = by[("hand", users, world)], by[("dmp", users, world)]
@@ -174,7 +228,7 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict]) -> None:
+def _plot(rows: list[dict], table: str = "user", suffix: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,11 +237,12 @@ def _plot(rows: list[dict]) -> None:
         for world in sorted({r["world"] for r in rows}):
             pts = sorted((r["users"], r["ms"]) for r in rows if r["variant"] == variant and r["world"] == world)
             ax.plot(*zip(*pts), marker="o", label=f"{variant} W={world}")
-    ax.set(xscale="log", yscale="log", xlabel="users", ylabel="ms per step (1,024 users)",
-           title="Student user table: DMP row-wise vs hand split")
+    what = "users" if table == "user" else "items"
+    ax.set(xscale="log", yscale="log", xlabel=what, ylabel="ms per step (1,024 users)",
+           title=f"Student {table} table: DMP row-wise vs " + ("hand split" if table == "user" else "replicated"))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "sharding.png", dpi=120)
+    fig.savefig(OUT / f"sharding{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":
