@@ -19,6 +19,15 @@ def rank_importance(k: int, temperature: float = 10.0) -> torch.Tensor:
     return torch.exp(-torch.arange(k, dtype=torch.float32) / temperature)
 
 
+def _entry_values(lists: torch.Tensor, importance: torch.Tensor,
+                  weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid bool [B, T, K], each list entry's importance times its weight, 0 at padding)."""
+    b, t, k = lists.shape
+    value = importance[:k].expand(b, t, k) if weights is None else importance[:k] * weights
+    valid = lists >= 0
+    return valid, torch.where(valid, value, torch.zeros(()))
+
+
 def ensemble_scores(lists: torch.Tensor, n_items: int, importance: torch.Tensor,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed rank importance per item.
@@ -30,10 +39,8 @@ def ensemble_scores(lists: torch.Tensor, n_items: int, importance: torch.Tensor,
     Returns:
         float32 [B, n_items]; items in no list score 0.
     """
-    b, t, k = lists.shape
-    value = importance[:k].expand(b, t, k).clone() if weights is None else importance[:k] * weights
-    valid = lists >= 0
-    value = torch.where(valid, value, torch.zeros(()))
+    b = lists.shape[0]
+    valid, value = _entry_values(lists, importance, weights)
     scores = torch.zeros(b, n_items)
     scores.scatter_add_(1, torch.where(valid, lists, 0).long().reshape(b, -1), value.reshape(b, -1))
     return scores
@@ -48,11 +55,10 @@ def ensemble_topk(lists: torch.Tensor, n_items: int, top: int, importance: torch
     :func:`ensemble_scores`), then ordered by score, equal scores by item id (a fixed rule, where a
     top-k over the dense scores would break ties as its kernel happens to).
     """
-    b, t, k = lists.shape
-    value = importance[:k].expand(b, t, k) if weights is None else importance[:k] * weights
-    valid = lists >= 0
+    b = lists.shape[0]
+    valid, value = _entry_values(lists, importance, weights)
     items = torch.where(valid, lists.long(), n_items).reshape(b, -1)        # padding: item n_items, scores nothing
-    value = torch.where(valid, value, torch.zeros(())).reshape(b, -1)
+    value = value.reshape(b, -1)
     items, order = items.sort(dim=1, stable=True)
     value = value.gather(1, order)
     # one segment per (user, item): a run of equal items in a row; segments are numbered row by row

@@ -180,9 +180,8 @@ class KDObjective:
         out = torch.empty(self.stop - self.start, self.cfg.observed_size, dtype=torch.int32)
         for part, lo, hi in self._blocks(torch.arange(self.stop - self.start)):
             observed = self.reader.observed(lo, hi)
-            rows = min(1024, rows_per_buffer(self.data.n_items))    # one dense rows x n_items buffer at a time
-            for b in range(0, len(part), rows):
-                out[part[b:b + rows]] = ensemble_topk(observed[b:b + rows], self.data.n_items,
+            for b in range(0, len(part), 1024):     # ensemble_topk's temporaries: a few [1024, T x K] tensors
+                out[part[b:b + 1024]] = ensemble_topk(observed[b:b + 1024], self.data.n_items,
                                                       self.cfg.observed_size, importance).int()
         return out
 
@@ -363,6 +362,7 @@ class TargetBuilder:
     def __init__(self, cfg: DistillConfig, n_items: int, importance: torch.Tensor, pop: torch.Tensor,
                  item_counts: torch.Tensor, teacher_weights: torch.Tensor | None = None, batch: int = 1024):
         self.cfg, self.n_items, self.importance, self.pop, self.item_counts = cfg, n_items, importance, pop, item_counts
+        # dissensus' agreement counts are a dense [batch, n_items] buffer
         self.teacher_weights, self.batch = teacher_weights, min(batch, rows_per_buffer(n_items))
 
     def __call__(self, lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
