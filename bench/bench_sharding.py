@@ -61,12 +61,16 @@ def _hand(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, 
         emb = torch.nn.functional.embedding(rows, weight).requires_grad_()
         (emb * g[own]).sum().backward()
         uniq, inv = torch.unique(rows, return_inverse=True)
-        grad = torch.zeros(len(uniq), dim).index_add_(0, inv, emb.grad)
-        state[uniq] += grad.pow(2).mean(1)
-        weight[uniq] -= LR * grad / (state[uniq].sqrt() + EPS)[:, None]
+        _adagrad_rows(weight, state, uniq, torch.zeros(len(uniq), dim).index_add_(0, inv, emb.grad))
         if step >= warmup:
             times.append(_now() - t0)
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+
+def _adagrad_rows(weight: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+    """Exact row-wise Adagrad on ``rows`` (the rule of fbgemm's fused kernel)."""
+    state[rows] += grad.pow(2).mean(1)
+    weight.data[rows] -= LR * grad / (state[rows].sqrt() + EPS)[:, None]
 
 
 def _sampled_items(items: int, batch: int, world: int, rank: int, negatives: int, targets: int) -> Any:
@@ -93,9 +97,7 @@ def _hand_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank:
             dist.all_reduce(weight.grad)              # the distillation's item table: every rank's sum
         with torch.no_grad():
             rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
-            grad = weight.grad[rows]
-            state[rows] += grad.pow(2).mean(1)
-            weight[rows] -= LR * grad / (state[rows].sqrt() + EPS)[:, None]
+            _adagrad_rows(weight, state, rows, weight.grad[rows])
         if step >= warmup:
             times.append(_now() - t0)
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
