@@ -44,6 +44,37 @@ def all_reduce_grad(weight: torch.Tensor) -> None:
         dist.all_reduce(weight.grad)
 
 
+def sum_sparse_grad(weight: torch.Tensor) -> None:
+    """Replace ``weight.grad`` (sparse, the rows this rank looked up; None: none) by the coalesced sum over
+    ranks, the same on every rank: each rank's (row, gradient) pairs are all-gathered, so a step exchanges
+    O(rows looked up x ranks) values and no rank builds a buffer of the table's size."""
+    grad = weight.grad
+    if grad is None:
+        grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=weight.device),
+                                       weight.new_zeros(0, weight.shape[1]), weight.shape)
+    grad = grad.coalesce()
+    if not is_distributed():
+        weight.grad = grad
+        return
+    dev, world = comm_device(), dist.get_world_size()
+    rows, values = grad.indices()[0].to(dev), grad.values().to(dev)
+    counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=dev))
+    size = int(max(c.item() for c in counts))
+    padded_rows = torch.zeros(size, dtype=torch.long, device=dev)
+    padded_rows[:len(rows)] = rows
+    padded_values = values.new_zeros(size, weight.shape[1])
+    padded_values[:len(rows)] = values
+    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+    all_values = [torch.empty_like(padded_values) for _ in range(world)]
+    dist.all_gather(all_rows, padded_rows)
+    dist.all_gather(all_values, padded_values)
+    n = [int(c.item()) for c in counts]
+    rows = torch.cat([r[:k] for r, k in zip(all_rows, n)]).to(weight.device)
+    values = torch.cat([v[:k] for v, k in zip(all_values, n)]).to(weight.device)
+    weight.grad = torch.sparse_coo_tensor(rows[None], values, weight.shape).coalesce()
+
+
 def gather_cat(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (users in rank order), concatenated; on every rank, on ``local``'s device."""
     if not is_distributed():

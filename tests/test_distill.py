@@ -352,6 +352,67 @@ def test_refresh_warm_start_resumes_under_rowwise_adam(run, tmp_path):
     assert metrics["resumed_from"] == [0] and metrics["epochs"] == 5
 
 
+def test_item_rows_give_the_dense_gradient_on_the_rows_looked_up(run):
+    """item_updates=rows: under the sampled denominator the loss looks item rows up with a sparse gradient,
+    equal to the dense gradient on those rows (zero elsewhere), and far fewer rows than the catalogue."""
+    from hetcomp_dist.distill.objectives import KDObjective, epoch_batches
+    from hetcomp_dist.distill.student import build_student
+    from hetcomp_dist.teachers.trajectory import TrajectoryReader
+
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "sampled_negatives": 5, "batch_size": 8})
+    data = load_dataset(ds_uri)
+    torch.manual_seed(0)
+    student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, 0, data.n_users)
+    objective = KDObjective(cfg, data, student, TrajectoryReader(uris), 0, data.n_users, 0)
+    objective.start_epoch()
+    batch = next(iter(epoch_batches(np.random.default_rng(1), objective.n_units, objective.unit_range, 8)))
+    weight, grads = student.tables.weight("item"), []
+    for sparse in (False, True):
+        student.sparse_item_grad, weight.grad = sparse, None
+        objective.sampler.manual_seed(3)
+        objective.loss(batch, np.random.default_rng(2)).backward()
+        grads.append(weight.grad)
+    dense, rows = grads[0], grads[1].coalesce()
+    assert not dense.is_sparse and rows.is_sparse
+    torch.testing.assert_close(rows.to_dense(), dense, rtol=1e-5, atol=1e-8)
+    looked_up = set(rows.indices()[0].tolist())
+    assert set(dense.abs().sum(1).nonzero().view(-1).tolist()) <= looked_up
+    assert len(looked_up) < data.n_items
+
+
+def test_item_rows_distil_and_keep_their_state_in_the_shared_part(run, tmp_path):
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 10, "sampled_negatives": 30,
+                           "item_updates": "rows"})
+    rows = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "checkpoint": False}), str(tmp_path / "rows"),
+                   ks=(10,))
+    dense = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "item_updates": "dense", "checkpoint": False}),
+                    str(tmp_path / "dense"), ks=(10,))
+    assert rows["test"]["recall@10"] == pytest.approx(dense["test"]["recall@10"], abs=0.1)
+
+    def stop_at_10(event):
+        if event.get("epoch") == 10 and "valid" in event:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, str(tmp_path / "ckpt"), ks=(10,), report=stop_at_10)
+    uri = storage.join(str(tmp_path / "ckpt"), "checkpoints", "epoch-000010")
+    shared = torch.load(io.BytesIO(storage.read_bytes(uri, "shared.pt")), weights_only=True)
+    assert shared["item_rows"]["exp_avg"].shape == (N_ITEMS, 8) and shared["item_rows"]["step"].max() > 0
+    assert list(shared["optimizer"]["state"]) == [0]          # the dense Adam: the user table alone
+
+
+def test_item_rows_need_the_sampled_denominator():
+    from hetcomp_dist import config
+
+    with pytest.raises(config.ConfigError, match="item_updates"):
+        config.from_dict(DistillConfig, {"item_updates": "rows"}, "x.yaml")
+    with pytest.raises(config.ConfigError, match="item_updates"):
+        config.from_dict(DistillConfig, {"item_updates": "rows", "sampled_negatives": 10, "method": "bpr"}, "x.yaml")
+    assert config.from_dict(DistillConfig, {"item_updates": "rows", "sampled_negatives": 10}).item_updates == "rows"
+
+
 def test_optimizer_setting_is_strict():
     from hetcomp_dist import config
 

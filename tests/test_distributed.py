@@ -27,6 +27,12 @@ local = torch.arange(3 * (rank + 1), dtype=torch.float32).view(-1, 1) + 10 * ran
 weight = torch.nn.Parameter(torch.zeros(2))
 weight.grad = torch.full((2,), float(rank + 1))
 D.all_reduce_grad(weight)
+table = torch.nn.Parameter(torch.zeros(6, 2))          # rank 0 looked rows 1, 3, 1 up; rank 1 rows 3, 4
+rows = torch.tensor([1, 3, 1]) if rank == 0 else torch.tensor([3, 4])
+torch.nn.functional.embedding(rows, table, sparse=True).mul(torch.arange(1.0, 3.0) * (rank + 1)).sum().backward()
+D.sum_sparse_grad(table)
+empty = torch.nn.Parameter(torch.zeros(6, 2))           # no rank looked anything up
+D.sum_sparse_grad(empty)
 covered = np.zeros(5, dtype=bool)
 covered[rank] = True
 sums = RankingSums(ks=(5,), n_users=rank + 1, gap_profile=0.5, n_profile=1, recall=np.array([0.25 * (rank + 1)]),
@@ -34,7 +40,9 @@ sums = RankingSums(ks=(5,), n_users=rank + 1, gap_profile=0.5, n_profile=1, reca
 total = D.all_reduce_ranking_sums(sums)
 out = {"sum": D.sum_over_ranks(float(rank + 1)), "gathered": D.gather_cat(local).view(-1).tolist(),
        "grad": weight.grad.tolist(), "n_users": total.n_users, "recall": total.recall.tolist(),
-       "covered": total.covered.tolist(), "distributed": D.is_distributed()}
+       "covered": total.covered.tolist(), "distributed": D.is_distributed(),
+       "sparse_rows": table.grad.indices()[0].tolist(), "sparse_dense": table.grad.to_dense().tolist(),
+       "empty_rows": empty.grad.indices()[0].tolist()}
 first = D.gather_cat_to_first(local)
 out["to_first"] = None if first is None else first.view(-1).tolist()
 json.dump(out, open(sys.argv[1], "w"))
@@ -72,6 +80,9 @@ def test_collectives_over_two_gloo_processes(results):
         assert r["grad"] == [3.0, 3.0]                                    # item gradients summed
         assert r["n_users"] == 3 and r["recall"] == pytest.approx([0.75])
         assert r["covered"] == [True, True, False, False, False]          # coverage: the union (MAX)
+        # sparse item gradients: the rows any rank looked up, each summed over ranks and repeats
+        assert r["sparse_rows"] == [1, 3, 4] and r["empty_rows"] == []
+        assert r["sparse_dense"] == [[0, 0], [2, 4], [0, 0], [3, 6], [2, 4], [0, 0]]
     assert results[0]["to_first"] == [0, 1, 2, 10, 11, 12, 13, 14, 15]   # the whole table on rank 0 only
     assert results[1]["to_first"] is None
 

@@ -1,6 +1,7 @@
 """Sharded distillation checkpoints resume under another worker count (2 -> 1 and 1 -> 2), with two
 real gloo processes, for both optimizers (dense Adam, and RowwiseAdam with its per-row state in the
-shards); the synthetic run of tests/test_distill.py. Each worker loads only its users' slice."""
+shards) and for the item table stepped by rows under the sampled denominator (its row-wise state is
+replicated, in the shared part); the synthetic run of tests/test_distill.py. Each worker loads only its users' slice."""
 
 from __future__ import annotations
 
@@ -66,10 +67,20 @@ def _two_ranks(cfg: DistillConfig, ds: str, uris: list[str], out: str, crash: in
 
 
 def _config(optimizer: str = "adam") -> DistillConfig:
-    return DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20, "optimizer": optimizer})
+    """``optimizer``: adam, rowwise_adam, or item_rows (rowwise_adam, and the items by rows: sampled denominator)."""
+    extra = {"optimizer": optimizer}
+    if optimizer == "item_rows":
+        extra = {"optimizer": "rowwise_adam", "item_updates": "rows", "sampled_negatives": 30}
+    return DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 20, **extra})
 
 
-OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam"])
+OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam", "item_rows"])
+
+
+def _tolerance(optimizer: str) -> float:
+    # Under the sampled denominator each rank draws its own samples, so the epochs run by two workers
+    # differ from one process's (60 users: one user's hit moves recall@10 by about 0.02).
+    return 0.1 if optimizer == "item_rows" else 0.03
 
 
 class _Crash(Exception):
@@ -87,7 +98,7 @@ def test_two_workers_then_one(run, tmp_path, optimizer):  # noqa: F811
     straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 1
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
-    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.03)
+    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=_tolerance(optimizer))
 
 
 @OPTIMIZERS
@@ -106,7 +117,7 @@ def test_one_worker_then_two(run, tmp_path, optimizer):  # noqa: F811
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 2
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
     straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
-    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=0.03)
+    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=_tolerance(optimizer))
     # each worker holds about half of what one process holds: its users' data, rows and state
     (whole,), halves = straight["rank_bytes"], resumed["rank_bytes"]
     assert len(halves) == 2 and all(h["student"] == halves[0]["student"] for h in halves)

@@ -18,14 +18,25 @@ over unobserved items only.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CLAMP = 1e-5          # denominators are clamped here before the log
 
 
-def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.Tensor, clamp: float) -> torch.Tensor:
-    """Clamped scores of each user's listed items: float [B, L] (padding positions score 0)."""
-    items = item_weight[torch.where(lists >= 0, lists, 0)]                   # [B, L, d]
-    return torch.einsum("bd,bld->bl", user_emb, items).clamp(-clamp, clamp) * (lists >= 0)
+def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.Tensor, clamp: float,
+                sparse: bool = False) -> torch.Tensor:
+    """Clamped scores of each user's listed items: float [B, L] (padding positions score 0).
+
+    ``sparse``: the item table's gradient is a sparse tensor of the listed rows only (padding looks
+    nothing up), for ``distill.item_updates: rows``.
+    """
+    valid = lists >= 0
+    if sparse:
+        items = user_emb.new_zeros(*lists.shape, item_weight.shape[1])
+        items[valid] = F.embedding(lists[valid], item_weight, sparse=True)
+    else:
+        items = item_weight[torch.where(valid, lists, 0)]                      # [B, L, d]
+    return torch.einsum("bd,bld->bl", user_emb, items).clamp(-clamp, clamp) * valid
 
 
 class _ExcludedExpSum(torch.autograd.Function):
@@ -75,7 +86,8 @@ def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
 
 
 def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclude: torch.Tensor, clamp: float,
-                       sampled: int = 0, generator: torch.Generator | None = None, chunk: int = 4096) -> torch.Tensor:
+                       sampled: int = 0, generator: torch.Generator | None = None, chunk: int = 4096,
+                       sparse: bool = False) -> torch.Tensor:
     """rest_u = sum over items i not in ``exclude[u]`` of e^{clamp(s_ui)}: float [B], differentiable.
 
     Args:
@@ -86,6 +98,7 @@ def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclud
             proposal, so the log-Q correction is that one factor.
         generator: draws the samples, on its own device (default: torch's generator of the embeddings'
             device); ``exclude`` is on the embeddings' device.
+        sparse: with ``sampled``, the item table's gradient is a sparse tensor of the sampled rows only.
     """
     if not sampled:
         return _ExcludedExpSum.apply(user_emb, item_weight, exclude, clamp, chunk)
@@ -94,7 +107,8 @@ def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclud
     sample = torch.randint(n_items, (sampled,), generator=generator,
                            device=generator.device if generator is not None else item_weight.device)
     sample = sample.to(item_weight.device)
-    e = (user_emb @ item_weight[sample].T).clamp(-clamp, clamp).exp()       # [B, m]
+    rows = F.embedding(sample, item_weight, sparse=sparse)                     # [m, d]
+    e = (user_emb @ rows.T).clamp(-clamp, clamp).exp()                         # [B, m]
     ordered = torch.sort(torch.where(exclude >= 0, exclude, n_items), dim=1).values
     pos = torch.searchsorted(ordered, sample.expand(len(ordered), -1).contiguous()).clamp_max(ordered.shape[1] - 1)
     keep = torch.gather(ordered, 1, pos) != sample

@@ -43,6 +43,10 @@ class DistillConfig:
     ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by count(i)^-eta (mean 1 per user)
     pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
     sampled_negatives: int = 0       # 0: exact softmax over all unobserved items; n: n uniform samples, log-Q corrected
+    # dense: the item table's gradient is all-reduced whole and stepped by dense Adam (O(items) a step).
+    # rows (sampled_negatives > 0 only): only the item rows some rank looked up are exchanged (an all-gather of
+    # rows and their gradients) and stepped by row-wise Adam, the same on every rank (distill/optim.py)
+    item_updates: Literal["dense", "rows"] = "dense"
     seed: int = 0
     threads: int = 2
     out: str | None = None           # default: <run>/distill/<method>
@@ -76,6 +80,10 @@ class DistillConfig:
         check_unique(where.at("teachers"), self.teachers)
         if self.out is not None:
             check_uri(where.at("out"), self.out)
+        if self.item_updates == "rows" and (self.sampled_negatives == 0 or self.method == "bpr"):
+            raise where.at("item_updates").error(
+                "rows needs the sampled denominator of a distillation method (sampled_negatives > 0, method "
+                "hetcomp or final_ensemble): otherwise every item row has a gradient at every step")
         if self.device == "cpu" and self.gpus_per_worker > 0:
             raise where.at("gpus_per_worker").error(f"{self.gpus_per_worker:g} GPU(s) reserved, but device is cpu: "
                                                     "they would stay idle (set device: auto or cuda)")

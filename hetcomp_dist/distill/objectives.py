@@ -225,8 +225,11 @@ class KDObjective:
         u_emb = self.student.user_rows(local.to(dev))
         exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)).to(dev), t], 1)   # N_u \ T_u is the rest
         # the sampler is a CPU generator (the same samples on every device); akt moves the samples
-        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler)
-        s_p, s_t = akt.list_scores(u_emb, items, p, cfg.score_clamp), akt.list_scores(u_emb, items, t, cfg.score_clamp)
+        sparse = self.student.sparse_item_grad
+        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler,
+                                      sparse=sparse)
+        s_p = akt.list_scores(u_emb, items, p, cfg.score_clamp, sparse)
+        s_t = akt.list_scores(u_emb, items, t, cfg.score_clamp, sparse)
         w = None if self.weights is None else self.weights[local].to(dev)
         if self.phase == "L_O":
             return cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()

@@ -38,6 +38,8 @@ class Student(torch.nn.Module):
         # True (distill.optimizer rowwise_adam): user_rows' gradient is a sparse tensor of the looked-up
         # rows only, so a step costs O(batch), not O(table) (distill/optim.py)
         self.sparse_user_grad = False
+        # True (distill.item_updates rows): the losses look item rows up with a sparse gradient (distill/akt.py)
+        self.sparse_item_grad = False
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Global user indices (B) -> B x n_items."""

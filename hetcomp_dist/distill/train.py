@@ -16,6 +16,9 @@ processes in the default process group (Ray Train's TorchTrainer, see
   step: one W-process step equals one single-process step on the same global batch;
 - ``distill.optimizer``: ``adam`` steps both tables densely (every user row, every step);
   ``rowwise_adam`` steps only the user rows of the batch (distill/optim.py), the item table densely;
+- ``distill.item_updates: rows`` (sampled denominator only): the item rows each rank looked up are
+  all-gathered with their gradients instead of the whole table's gradient being all-reduced, and
+  row-wise Adam steps those rows, identically on every rank (the item table stays replicated);
 - evaluation sums are all-reduced, so every rank takes the same stopping and DKC decisions;
 - after every evaluation every rank writes its own rows of a checkpoint (loop.Checkpointer under
   ``<out>/checkpoints``, nothing gathered); a restarted run resumes from it with any number of
@@ -156,14 +159,17 @@ class _Run:
         self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: shared["item"]})
         self.best_state = {USER_KEY: local["best_user"].to(self.device), ITEM_KEY: shared["best_item"].to(self.device)}
         optimizer = shared["optimizer"]      # CPU tensors: Adam's load_state_dict moves them to each param's device
-        if self.rows is not None:                 # rowwise_adam: the items' Adam, the user rows' own state
-            self.optimizer.load_state_dict(optimizer)
-            self.rows.load_state_dict({"exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"],
-                                       "step": local["row_step"]})
+        if "user" in self.rows:                   # rowwise_adam: the user rows' own state; the dense Adam the items'
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(optimizer)
+            self.rows["user"].load_state_dict({"exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"],
+                                               "step": local["row_step"]})
         else:
             optimizer["state"][0] = {**optimizer["state"][0], "exp_avg": local["exp_avg"],
                                      "exp_avg_sq": local["exp_avg_sq"]}
             self.optimizer.load_state_dict(optimizer)
+        if "item" in self.rows:
+            self.rows["item"].load_state_dict(shared["item_rows"])
         self.objective.load_state_dict({"stage": local["stage"], "last": local["last"]})
         return shared
 
@@ -171,11 +177,7 @@ class _Run:
         start, stop = self.start, self.stop
         self.student.load_state_dict(rows(state["student"], start, stop))
         self.best_state = {k: v.to(self.device) for k, v in rows(state["best_state"], start, stop).items()}
-        optimizer = optimizer_rows(state["optimizer"], start, stop)
-        if self.rows is None:
-            self.optimizer.load_state_dict(optimizer)
-        else:
-            _load_dense_into_rowwise(optimizer, self.optimizer, self.rows)
+        _load_dense_state(optimizer_rows(state["optimizer"], start, stop), self.optimizer, self.rows)
         self.objective.load_state_dict({"stage": state["stage"][start:stop], "last": state["last"][start:stop]})
         return state
 
@@ -191,15 +193,20 @@ class _Run:
         with self.stopping.timing("train"):
             for batch in epoch_batches(rng, self.objective.n_units, self.objective.unit_range, self.cfg.batch_size):
                 loss = self.objective.loss(batch, rng)
-                self.optimizer.zero_grad(set_to_none=False)
-                if self.rows is not None:
-                    self.rows.zero_grad()
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=False)
+                for table in self.rows.values():
+                    table.zero_grad()
                 if loss.requires_grad:
                     loss.backward()
-                distributed.all_reduce_grad(item_weight)          # items: the sum of every rank's users
-                self.optimizer.step()
-                if self.rows is not None:
-                    self.rows.step()                              # the batch's user rows only
+                if "item" in self.rows:                           # items: the sum of every rank's users
+                    distributed.sum_sparse_grad(item_weight)      # ... over the rows some rank looked up
+                else:
+                    distributed.all_reduce_grad(item_weight)
+                if self.optimizer is not None:
+                    self.optimizer.step()
+                for table in self.rows.values():
+                    table.step()                                  # the batch's rows only
                 total += loss.detach().double()
             loss_sum = total.item()                    # inside the timing: waits for the device's queued steps
         self.epoch = epoch
@@ -229,11 +236,11 @@ class _Run:
         once every rank's part is written, the manifest."""
         if self.checkpoints is None:
             return
-        optimizer = self.optimizer.state_dict()
+        optimizer = None if self.optimizer is None else self.optimizer.state_dict()
         local = {"user": self.student.state_dict()[USER_KEY], "best_user": self.best_state[USER_KEY],
                  **self.objective.state_dict()}
-        if self.rows is not None:                 # rowwise_adam: the optimizer is the items' alone
-            rows = self.rows.state_dict()
+        if "user" in self.rows:                   # rowwise_adam: the dense optimizer is the items' alone (or none)
+            rows = self.rows["user"].state_dict()
             local.update(exp_avg=rows["exp_avg"], exp_avg_sq=rows["exp_avg_sq"], row_step=rows["step"])
         else:
             user_moments = optimizer["state"].get(0, {})             # param 0: the user table
@@ -243,6 +250,8 @@ class _Run:
         shared = {"epoch": epoch, "item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY],
                   "optimizer": optimizer, "history": self.history, "progress": self.progress,
                   "stopping": self.stopping.state_dict(), "resumes": self.resumes}
+        if "item" in self.rows:                   # replicated: the same on every rank
+            shared["item_rows"] = self.rows["item"].state_dict()
         self.checkpoints.save_shards(epoch, device.to_cpu(shared), device.to_cpu(local), (self.start, self.stop),
                                      self.rank, self.world)
 
@@ -294,46 +303,52 @@ class _Run:
         data = sum(s.indptr.nbytes + s.indices.nbytes + (0 if s.item_totals is None else s.item_totals.nbytes)
                    for s in splits)
         student = size(self.student.state_dict().values()) + size((self.best_state or {}).values())
-        optimizer = size(v for state in self.optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor))
+        dense = {} if self.optimizer is None else self.optimizer.state
+        optimizer = size(v for state in dense.values() for v in state.values() if isinstance(v, torch.Tensor))
         optimizer += size(p.grad for p in self.student.parameters() if p.grad is not None and not p.grad.is_sparse)
-        optimizer += 0 if self.rows is None else size(self.rows.state_dict().values())
+        optimizer += sum(size(table.state_dict().values()) for table in self.rows.values())
         mine = torch.tensor([[data, student, optimizer, self.objective.resident_bytes()]], dtype=torch.int64)
         keys = ("data", "student", "optimizer", "objective")
         return [dict(zip(keys, map(int, row))) for row in distributed.gather_cat(mine).tolist()]
 
 
-def _optimizers(cfg: DistillConfig, student: Student) -> tuple[torch.optim.Optimizer, RowwiseAdam | None]:
-    """(the dense Adam, the user rows' RowwiseAdam or None) of ``distill.optimizer``.
+def _optimizers(cfg: DistillConfig, student: Student) -> tuple[torch.optim.Optimizer | None, dict[str, RowwiseAdam]]:
+    """(the dense Adam of the tables stepped whole, or None; {table: RowwiseAdam} of the tables stepped by rows).
 
+    ``optimizer: rowwise_adam`` steps the user table by rows, ``item_updates: rows`` the item table.
     Dense gradients are kept (zeroed, not freed) between steps: every rank all-reduces and steps every
-    batch, also one whose batch held none of its users. ``adam`` keeps earlier versions' optimizer (and
-    checkpoint layout): one Adam over both tables, param 0 the user table.
+    batch, also one whose batch held none of its users. ``adam`` with dense items keeps earlier versions'
+    optimizer (and checkpoint layout): one Adam over both tables, param 0 the user table.
     """
     if cfg.optimizer not in ("adam", "rowwise_adam"):
         raise ValueError(f"distill.optimizer: expected adam or rowwise_adam, got {cfg.optimizer!r}")
-    dense = list(student.parameters()) if cfg.optimizer == "adam" else [student.tables.weight("item")]
-    optimizer = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    by_rows = {"user": cfg.optimizer == "rowwise_adam", "item": cfg.item_updates == "rows"}
+    dense = [student.tables.weight(t) for t in ("user", "item") if not by_rows[t]]
+    optimizer = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True) if dense else None
     for p in dense:
         p.grad = torch.zeros_like(p)
-    if cfg.optimizer == "adam":
-        return optimizer, None
-    student.sparse_user_grad = True
-    return optimizer, RowwiseAdam(student.tables.weight("user"), cfg.lr, weight_decay=cfg.weight_decay)
+    student.sparse_user_grad, student.sparse_item_grad = by_rows["user"], by_rows["item"]
+    return optimizer, {t: RowwiseAdam(student.tables.weight(t), cfg.lr, weight_decay=cfg.weight_decay)
+                       for t, on in by_rows.items() if on}
 
 
-def _load_dense_into_rowwise(state: dict[str, Any], items: torch.optim.Optimizer, users: RowwiseAdam) -> None:
-    """A whole checkpoint's two-table Adam state (``refresh``'s warm start writes one under any
-    settings) into rowwise_adam's: param 1 (items) to the items' Adam; param 0's moments, already cut
-    to this rank's rows, to the user rows, each row at the dense step count (dense Adam stepped every
-    row at every step)."""
-    group = {**state["param_groups"][0], "params": [0]}
-    item = state["state"].get(1)
-    items.load_state_dict({"state": {0: item} if item else {}, "param_groups": [group]})
-    user = state["state"].get(0)
-    if user:
-        step = torch.full((user["exp_avg"].shape[0],), int(user["step"]), dtype=torch.int32)
-        users.load_state_dict({"exp_avg": user["exp_avg"], "exp_avg_sq": user["exp_avg_sq"], "step": step})
+def _load_dense_state(state: dict[str, Any], dense: torch.optim.Optimizer | None, rows: dict[str, RowwiseAdam]) -> None:
+    """A whole checkpoint's two-table Adam state (param 0 the users, already cut to this rank's rows; param 1
+    the items; ``refresh``'s warm start writes one under any settings) into this run's optimizers. A table
+    stepped by rows takes its moments with every row at the dense step count (dense Adam stepped every row
+    at every step)."""
+    tables = ("user", "item")
+    kept = [i for i, t in enumerate(tables) if t not in rows]
+    if dense is not None:
+        group = {**state["param_groups"][0], "params": list(range(len(kept)))}
+        dense.load_state_dict({"state": {j: state["state"][i] for j, i in enumerate(kept) if i in state["state"]},
+                               "param_groups": [group]})
+    for i, table in enumerate(tables):
+        moments = state["state"].get(i)
+        if table in rows and moments:
+            step = torch.full((moments["exp_avg"].shape[0],), int(moments["step"]), dtype=torch.int32)
+            rows[table].load_state_dict({"exp_avg": moments["exp_avg"], "exp_avg_sq": moments["exp_avg_sq"],
+                                         "step": step})
 
 
 def _legacy_checkpoint(root: str, cfg: DistillConfig) -> dict[str, Any] | None:
