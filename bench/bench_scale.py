@@ -89,30 +89,31 @@ RESULTS_MARK = "<!-- bench_scale results: "
 def _pools(seed: int, block: int, n: int, item_of_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int32 [n, SLOTS] distinct items per user in random order, int64 [n] train counts) of one block.
 
-    Ranks are drawn by inverting p(r) ~ (r + R0)^-ALPHA on [0, N_ITEMS - SLOTS), sorted per user, and
+    Ranks are drawn by inverting p(r) ~ (r + R0)^-ALPHA on [0, n_items - SLOTS) (n_items: the length of
+    ``item_of_rank``), sorted per user, and
     made distinct by pushing repeats to the next free ranks (a running maximum): exactly SLOTS distinct
     items per user, no rejection loop.
     """
     rng = np.random.default_rng([seed, block])
-    a = 1.0 - ALPHA
-    lo, hi = R0 ** a, (N_ITEMS - SLOTS + R0) ** a
+    n_items, a = len(item_of_rank), 1.0 - ALPHA
+    lo, hi = R0 ** a, (n_items - SLOTS + R0) ** a
     ranks = ((lo + rng.random((n, SLOTS)) * (hi - lo)) ** (1 / a) - R0).astype(np.int64)
     ranks.sort(axis=1)
     step = np.arange(SLOTS)
-    ranks = np.maximum.accumulate(np.minimum(ranks, N_ITEMS - SLOTS - 1) - step, axis=1) + step
+    ranks = np.maximum.accumulate(np.minimum(ranks, n_items - SLOTS - 1) - step, axis=1) + step
     order = np.argsort(rng.random((n, SLOTS)), axis=1)          # random roles, not popularity order
     return item_of_rank[np.take_along_axis(ranks, order, 1)].astype(np.int32), rng.integers(
         TRAIN_MIN, TRAIN_MAX + 1, n)
 
 
-def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path) -> dict:
+def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path, n_items: int = N_ITEMS) -> dict:
     """The prepared dataset, streamed block by block; the pools go to a memmap for the trajectories."""
     import pyarrow as pa
 
     from hetcomp_dist import storage
     from hetcomp_dist.data.prepare import ROW_GROUP
 
-    item_of_rank = np.random.default_rng([seed, 99]).permutation(N_ITEMS)
+    item_of_rank = np.random.default_rng([seed, 99]).permutation(n_items)
     pools = np.lib.format.open_memmap(pool_path, mode="w+", dtype=np.int32, shape=(n_users, SLOTS))
     n_train = np.lib.format.open_memmap(pool_path.with_suffix(".train.npy"), mode="w+", dtype=np.int8,
                                         shape=(n_users,))
@@ -137,7 +138,7 @@ def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path) -> dict:
             for name, (u, i) in rows.items():
                 writers[name].write_table(pa.table({"user": u, "item": i}, schema=schema), row_group_size=ROW_GROUP)
                 counts[name] += len(u)
-        meta = {"source": f"synthetic power-law (bench_scale, seed {seed})", "n_users": n_users, "n_items": N_ITEMS,
+        meta = {"source": f"synthetic power-law (bench_scale, seed {seed})", "n_users": n_users, "n_items": n_items,
                 "n_interactions": sum(counts.values()), "n_interactions_kept": sum(counts.values()),
                 "splits": counts, "n_eval_users": {"valid": counts["valid"], "test": counts["test"],
                                                    "valid_and_test": counts["valid"]}}
@@ -168,22 +169,22 @@ def _observed_batches(pools: np.ndarray, n_train: np.ndarray, t: int):
         yield np.arange(lo, hi, dtype=np.int64), np.where(j < n, items, -1).astype(np.int32)
 
 
-def generate(root: str, n_users: int, seed: int = 0) -> dict:
-    """Dataset + 6 trajectories of ``n_users`` users under ``root`` (run in a child process)."""
+def generate(root: str, n_users: int, seed: int = 0, n_items: int = N_ITEMS) -> dict:
+    """Dataset + 6 trajectories of ``n_users`` users over ``n_items`` items under ``root`` (run in a child process)."""
     from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
     root_p = Path(root)
     root_p.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool_path = root_p / "pools.npy"
-    counts = _write_dataset(str(root_p / "dataset"), n_users, seed, pool_path)
+    counts = _write_dataset(str(root_p / "dataset"), n_users, seed, pool_path, n_items)
     t_data = time.perf_counter()
     pools = np.load(pool_path, mmap_mode="r")
     n_train = np.load(pool_path.with_suffix(".train.npy"), mmap_mode="r")
     uris, on_disk = [], 0
     for t in range(TEACHERS):
         uri = str(root_p / f"teacher{t}")
-        writer = TrajectoryWriter(uri, model=f"synthetic{t}", n_users=n_users, k=K, n_items=N_ITEMS)
+        writer = TrajectoryWriter(uri, model=f"synthetic{t}", n_users=n_users, k=K, n_items=n_items)
         for s in range(SNAPSHOTS):
             writer.write_snapshot(10 * (s + 1), {"recall@20": RECALLS[s]}, _list_batches(pools, seed, t, s))
         manifest = writer.finish(_observed_batches(pools, n_train, t))

@@ -14,8 +14,10 @@ fused optimizer fbgemm has on CPU), so the comparison is the cost of the shardin
 The loss is <e_u, g_u> with a random g per looked-up row, enough to give every looked-up row a
 gradient. ``--table item`` measures the item table instead (``--users`` is then the catalogue) under the
 sampled denominator, where each rank looks up ``--negatives`` sampled items and ``--targets`` items per
-user of its share of the batch: ``hand`` is what distill/train.py does (the table replicated, its dense
-gradient all-reduced, then the looked-up rows updated), ``dmp`` the table sharded row-wise. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
+user of its share of the batch: ``hand`` is distill/train.py's default (``item_updates: dense``: the table
+replicated, its dense gradient all-reduced, then the looked-up rows updated), ``rows`` its
+``item_updates: rows`` (the table replicated, only the looked-up rows and their gradients exchanged, with
+the loop's own ``distributed.sum_sparse_grad``), ``dmp`` the table sharded row-wise. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
 columns are not a multiple of 4, so the reference student (dim 6) cannot take this path at all. Reported per variant, per world size and users: median ms per step after
 warm-up, peak RSS per rank, and the user-table bytes each rank holds.
 
@@ -103,6 +105,28 @@ def _hand_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank:
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
 
 
+def _rows_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
+                item_ids: Any) -> dict:
+    from hetcomp_dist import distributed
+
+    weight = (torch.randn(items, dim) * 0.01).requires_grad_()
+    state = torch.zeros(items)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(warmup + steps):
+        ids = item_ids(gen)
+        g = torch.randn(len(ids), dim, generator=gen)
+        t0 = _now()
+        weight.grad = None
+        (torch.nn.functional.embedding(ids, weight, sparse=True) * g).sum().backward()
+        distributed.sum_sparse_grad(weight)           # the rows any rank looked up, summed: the same on every rank
+        with torch.no_grad():
+            _adagrad_rows(weight, state, weight.grad.indices()[0], weight.grad.values())
+        if step >= warmup:
+            times.append(_now() - t0)
+    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+
 def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
          item_ids: Any = None) -> dict:
     """``item_ids``: None for the user table (rank r feeds the r-th 1/W of the batch), else a function
@@ -161,7 +185,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         result = (_hand if args["variant"] == "hand" else _dmp)(*sizes)
     else:
         ids = _sampled_items(args["users"], args["batch"], world, rank, args["negatives"], args["targets"])
-        result = (_hand_items if args["variant"] == "hand" else _dmp)(*sizes, ids)
+        result = {"hand": _hand_items, "rows": _rows_items, "dmp": _dmp}[args["variant"]](*sizes, ids)
     dist.barrier()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(json.dumps(result))
@@ -203,7 +227,7 @@ def main() -> int:
     rows = []
     for users in args.users:
         for world in args.worlds:
-            for variant in ("hand", "dmp"):
+            for variant in VARIANTS[args.table]:
                 rows.append(run_one(variant, users, world, args))
                 r = rows[-1]
                 print(f"{variant:5s} users {users:>9,d}  W={world}  {r['ms']:8.3f} ms/step  "
@@ -218,15 +242,23 @@ def main() -> int:
     return 0
 
 
+VARIANTS = {"user": ("hand", "dmp"), "item": ("hand", "rows", "dmp")}
+
+
 def _table(rows: list[dict], table: str = "user") -> str:
     what = "users" if table == "user" else "items"
-    lines = [f"| {what} | W | hand ms/step | DMP ms/step | DMP / hand | hand RSS MB/rank | DMP RSS MB/rank | "
-             f"{table} table MB/rank (hand / DMP) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    names = VARIANTS[table]
+    lines = [f"| {what} | W | " + " | ".join(f"{v} ms/step" for v in names) + " | "
+             + " | ".join(f"{v} / hand" for v in names[1:]) + " | "
+             + " | ".join(f"{v} RSS MB/rank" for v in names) + f" | {table} table MB/rank ({' / '.join(names)}) |",
+             "|" + "---:|" * (2 + 3 * len(names) - 1) + "---|"]
     by = {(r["variant"], r["users"], r["world"]): r for r in rows}
     for users, world in sorted({(r["users"], r["world"]) for r in rows}):
-        h, d = by[("hand", users, world)], by[("dmp", users, world)]
-        lines.append(f"| {users:,} | {world} | {h['ms']:.3f} | {d['ms']:.3f} | {d['ms'] / h['ms']:.1f}x | "
-                     f"{h['rss_mb']:.0f} | {d['rss_mb']:.0f} | {h['table_mb']:.1f} / {d['table_mb']:.1f} |")
+        rs = [by[(v, users, world)] for v in names]
+        lines.append(f"| {users:,} | {world} | " + " | ".join(f"{r['ms']:.3f}" for r in rs) + " | "
+                     + " | ".join(f"{r['ms'] / rs[0]['ms']:.2f}x" for r in rs[1:]) + " | "
+                     + " | ".join(f"{r['rss_mb']:.0f}" for r in rs) + " | "
+                     + " / ".join(f"{r['table_mb']:.1f}" for r in rs) + " |")
     return "\n".join(lines)
 
 
@@ -235,13 +267,14 @@ def _plot(rows: list[dict], table: str = "user", suffix: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in ("hand", "dmp"):
+    for variant in VARIANTS[table]:
         for world in sorted({r["world"] for r in rows}):
             pts = sorted((r["users"], r["ms"]) for r in rows if r["variant"] == variant and r["world"] == world)
             ax.plot(*zip(*pts), marker="o", label=f"{variant} W={world}")
     what = "users" if table == "user" else "items"
     ax.set(xscale="log", yscale="log", xlabel=what, ylabel="ms per step (1,024 users)",
-           title=f"Student {table} table: DMP row-wise vs " + ("hand split" if table == "user" else "replicated"))
+           title=f"Student {table} table: DMP row-wise vs " + ("hand split" if table == "user"
+                                                                 else "replicated (dense / rows)"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(OUT / f"sharding{suffix}.png", dpi=120)

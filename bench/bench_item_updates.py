@@ -1,0 +1,120 @@
+"""The student's item table under the sampled denominator, in the real distillation: ``item_updates: dense``
+(its whole gradient all-reduced and every row stepped) against ``rows`` (the looked-up rows all-gathered
+and stepped by row-wise Adam), by catalogue size and workers.
+
+Data: bench_scale.py's synthetic generator (power-law items, 10-20 train items per user, 6 teachers x 4
+snapshots x top-100) with ``--users`` users over each ``--items`` catalogue. Each run is the real
+``distill()`` in W gloo processes through bench_scale's rank worker (one thread each): ``hetcomp``, batches of
+1,024 users, ``sampled_negatives: 1000``, ``optimizer: rowwise_adam`` (so the user table costs the same
+on both sides), one epoch with its evaluation and checkpoint. Reported per run: the epoch's wall and CPU
+seconds (the training batches only: what the item updates change), peak RSS per worker, test Recall@50.
+
+    nice -n 5 .venv/bin/python bench/bench_item_updates.py                      # 20k users; 100k and 1M items; W 1, 2
+
+Writes bench/out/item_updates.md and bench/out/item_updates.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # bench_scale, also in the generator's child process
+import bench_scale  # noqa: E402
+from hetcomp_dist.benchutil import call_in_subprocess, load_average, markdown_table, pyplot, save_figure  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parents[1]
+UPDATES = ("dense", "rows")
+
+
+def generate(root: str, n_users: int, n_items: int) -> dict:
+    """bench_scale's data (called in a child process, by this script's path)."""
+    return bench_scale.generate(root, n_users, n_items=n_items)
+
+
+def run(data: dict, world: int, updates: str, root: Path) -> dict:
+    """One distill() in ``world`` ranks (bench_scale's rank worker); the worst rank's figures."""
+    out, result = root / f"student-w{world}-{updates}", root / f"w{world}-{updates}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = {"method": "hetcomp", "batch_unit": "users", "sampled_negatives": 1000, "optimizer": "rowwise_adam",
+           "item_updates": updates, "max_epochs": 1, "eval_every": 1, "checkpoint": True, "threads": 1, "seed": 0}
+    spec = {"cfg": cfg, "dataset": data["dataset"], "teachers": data["teachers"], "n_users": data["n_users"],
+            "out": str(out), "result": str(result)}
+    port, procs = bench_scale._free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, bench_scale.__file__, "--rank-worker", json.dumps(spec)],
+                                      env=env, cwd=REPO))
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"a rank failed (exit status {p.returncode})")
+    ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"world": world, "updates": updates, "epoch_s": max(r["epoch_seconds"] for r in ranks),
+            "epoch_cpu": max(r["epoch_cpu"] for r in ranks), "peak_mb": max(r["peak_rss_mb"] for r in ranks),
+            "recall50": ranks[0]["recall50"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=20_000)
+    ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workdir", default="/tmp/item_updates_bench")
+    args = ap.parse_args()
+    rows = []
+    for n_items in args.items:
+        root = Path(args.workdir) / f"i{n_items}"
+        shutil.rmtree(root, ignore_errors=True)
+        data, _ = call_in_subprocess(generate, {"root": str(root), "n_users": args.users,
+                                                            "n_items": n_items})
+        for world in args.workers:
+            for updates in UPDATES:
+                t0 = time.perf_counter()
+                row = {"items": n_items, **run(data, world, updates, root)}
+                rows.append(row)
+                print(f"{n_items:>9,} items  W={world}  {updates:5s}  epoch {row['epoch_s']:6.1f} s "
+                      f"(cpu {row['epoch_cpu']:6.1f} s)  peak {row['peak_mb']:5.0f} MB/worker  "
+                      f"R@50 {row['recall50']:.4f}  [{time.perf_counter() - t0:.0f} s; {load_average()}]", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    by = {(r["items"], r["world"], r["updates"]): r for r in rows}
+    table = []
+    for n_items, world in sorted({(r["items"], r["world"]) for r in rows}):
+        d, s = by[(n_items, world, "dense")], by[(n_items, world, "rows")]
+        table.append([f"{n_items:,}", world, f"{d['epoch_s']:.1f}", f"{s['epoch_s']:.1f}",
+                      f"{d['epoch_cpu']:.1f}", f"{s['epoch_cpu']:.1f}", f"{s['epoch_cpu'] / d['epoch_cpu']:.2f}",
+                      f"{d['peak_mb']:.0f}", f"{s['peak_mb']:.0f}", f"{d['recall50']:.4f}", f"{s['recall50']:.4f}"])
+    head = ["items", "W", "dense epoch s", "rows epoch s", "dense epoch CPU s", "rows epoch CPU s",
+            "rows / dense (CPU)", "dense peak MB/worker", "rows peak MB/worker", "dense R@50", "rows R@50"]
+    command = "bench/bench_item_updates.py " + " ".join(sys.argv[1:])
+    text = [f"# The item table under the sampled denominator: item_updates dense vs rows ({args.users:,} users)",
+            "", f"    $ {command}", "", markdown_table(head, table), ""]
+    OUT.mkdir(exist_ok=True)
+    (OUT / "item_updates.md").write_text("\n".join(text))
+    print("\n".join(text))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for world in sorted({r["world"] for r in rows}):
+        for updates, marker in zip(UPDATES, "os"):
+            pts = sorted((r["items"], r["epoch_cpu"]) for r in rows if r["world"] == world and r["updates"] == updates)
+            ax.plot(*zip(*pts), marker=marker, label=f"{updates} W={world}")
+    ax.set(xscale="log", yscale="log", xlabel="items", ylabel="epoch CPU s (worst worker)",
+           title=f"Item table updates, sampled denominator, {args.users:,} users")
+    ax.legend()
+    save_figure(fig, OUT / "item_updates.png")
+
+
+if __name__ == "__main__":
+    main()
