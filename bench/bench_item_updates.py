@@ -4,12 +4,13 @@ and stepped by row-wise Adam), by catalogue size and workers.
 
 Data: bench_scale.py's synthetic generator (power-law items, 10-20 train items per user, 6 teachers x 4
 snapshots x top-100) with ``--users`` users over each ``--items`` catalogue. Each run is the real
-``distill()`` in W gloo processes through bench_scale's rank worker (one thread each): ``hetcomp``, batches of
-1,024 users, ``sampled_negatives: 1000``, ``optimizer: rowwise_adam`` (so the user table costs the same
+``distill()`` in W gloo processes through bench_scale's rank worker (one thread each): ``final_ensemble``
+(L_R on the final lists: the step of HetComp's L_R phase, without DKC's first check, which ranks every
+user against the whole catalogue and would dwarf the epoch at 1M items), batches of 1,024 users, ``sampled_negatives: 1000``, ``optimizer: rowwise_adam`` (so the user table costs the same
 on both sides), one epoch with its evaluation and checkpoint. Reported per run: the epoch's wall and CPU
 seconds (the training batches only: what the item updates change), peak RSS per worker, test Recall@50.
 
-    nice -n 5 .venv/bin/python bench/bench_item_updates.py                      # 20k users; 100k and 1M items; W 1, 2
+    nice -n 5 .venv/bin/python bench/bench_item_updates.py                      # 50k users; 100k and 1M items; W 1, 2
 
 Writes bench/out/item_updates.md and bench/out/item_updates.png.
 """
@@ -43,7 +44,7 @@ def run(data: dict, world: int, updates: str, root: Path) -> dict:
     """One distill() in ``world`` ranks (bench_scale's rank worker); the worst rank's figures."""
     out, result = root / f"student-w{world}-{updates}", root / f"w{world}-{updates}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = {"method": "hetcomp", "batch_unit": "users", "sampled_negatives": 1000, "optimizer": "rowwise_adam",
+    cfg = {"method": "final_ensemble", "batch_unit": "users", "sampled_negatives": 1000, "optimizer": "rowwise_adam",
            "item_updates": updates, "max_epochs": 1, "eval_every": 1, "checkpoint": True, "threads": 1, "seed": 0}
     spec = {"cfg": cfg, "dataset": data["dataset"], "teachers": data["teachers"], "n_users": data["n_users"],
             "out": str(out), "result": str(result)}
@@ -65,7 +66,7 @@ def run(data: dict, world: int, updates: str, root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=20_000)
+    ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", default="/tmp/item_updates_bench")
