@@ -106,7 +106,8 @@ def _pools(seed: int, block: int, n: int, item_of_rank: np.ndarray) -> tuple[np.
         TRAIN_MIN, TRAIN_MAX + 1, n)
 
 
-def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path, n_items: int = N_ITEMS) -> dict:
+def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path, n_items: int = N_ITEMS,
+                   eval_users: int = EVAL_USERS) -> dict:
     """The prepared dataset, streamed block by block; the pools go to a memmap for the trajectories."""
     import pyarrow as pa
 
@@ -117,7 +118,7 @@ def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path, n_items: 
     pools = np.lib.format.open_memmap(pool_path, mode="w+", dtype=np.int32, shape=(n_users, SLOTS))
     n_train = np.lib.format.open_memmap(pool_path.with_suffix(".train.npy"), mode="w+", dtype=np.int8,
                                         shape=(n_users,))
-    stride = max(1, n_users // EVAL_USERS)
+    stride = max(1, n_users // eval_users)
     counts = {"train": 0, "valid": 0, "test": 0}
     schema = pa.schema([("user", pa.int32()), ("item", pa.int32())])
     options = {"write_statistics": True, "write_page_checksum": True}
@@ -132,7 +133,7 @@ def _write_dataset(uri: str, n_users: int, seed: int, pool_path: Path, n_items: 
             users = np.arange(lo, hi, dtype=np.int32)
             mask = np.arange(TRAIN_MAX)[None, :] < n[:, None]
             held = users % stride == 0
-            held &= users // stride < EVAL_USERS
+            held &= users // stride < eval_users
             rows = {"train": (np.repeat(users, n), pool[:, :TRAIN_MAX][mask]),
                     "valid": (users[held], pool[held, TRAIN_MAX]), "test": (users[held], pool[held, TRAIN_MAX + 1])}
             for name, (u, i) in rows.items():
@@ -169,7 +170,7 @@ def _observed_batches(pools: np.ndarray, n_train: np.ndarray, t: int):
         yield np.arange(lo, hi, dtype=np.int64), np.where(j < n, items, -1).astype(np.int32)
 
 
-def generate(root: str, n_users: int, seed: int = 0, n_items: int = N_ITEMS) -> dict:
+def generate(root: str, n_users: int, seed: int = 0, n_items: int = N_ITEMS, eval_users: int = EVAL_USERS) -> dict:
     """Dataset + 6 trajectories of ``n_users`` users over ``n_items`` items under ``root`` (run in a child process)."""
     from hetcomp_dist.teachers.trajectory import TrajectoryWriter
 
@@ -177,7 +178,7 @@ def generate(root: str, n_users: int, seed: int = 0, n_items: int = N_ITEMS) -> 
     root_p.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool_path = root_p / "pools.npy"
-    counts = _write_dataset(str(root_p / "dataset"), n_users, seed, pool_path, n_items)
+    counts = _write_dataset(str(root_p / "dataset"), n_users, seed, pool_path, n_items, eval_users)
     t_data = time.perf_counter()
     pools = np.load(pool_path, mmap_mode="r")
     n_train = np.load(pool_path.with_suffix(".train.npy"), mmap_mode="r")
