@@ -83,30 +83,9 @@ def _sampled_items(items: int, batch: int, world: int, rank: int, negatives: int
     return ids
 
 
-def _hand_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
-                item_ids: Any) -> dict:
-    weight = (torch.randn(items, dim) * 0.01).requires_grad_()
-    state = torch.zeros(items)
-    gen = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(warmup + steps):
-        ids = item_ids(gen)
-        g = torch.randn(len(ids), dim, generator=gen)
-        t0 = _now()
-        weight.grad = None
-        (torch.nn.functional.embedding(ids, weight) * g).sum().backward()
-        if world > 1:
-            dist.all_reduce(weight.grad)              # the distillation's item table: every rank's sum
-        with torch.no_grad():
-            rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
-            _adagrad_rows(weight, state, rows, weight.grad[rows])
-        if step >= warmup:
-            times.append(_now() - t0)
-    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
-
-
-def _rows_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
-                item_ids: Any) -> dict:
+def _replicated_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
+                      item_ids: Any, sparse: bool = False) -> dict:
+    """The replicated item table: ``hand`` (dense gradient all-reduced) or, with ``sparse``, ``rows``."""
     from hetcomp_dist import distributed
 
     weight = (torch.randn(items, dim) * 0.01).requires_grad_()
@@ -118,10 +97,16 @@ def _rows_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank:
         g = torch.randn(len(ids), dim, generator=gen)
         t0 = _now()
         weight.grad = None
-        (torch.nn.functional.embedding(ids, weight, sparse=True) * g).sum().backward()
-        distributed.sum_sparse_grad(weight)           # the rows any rank looked up, summed: the same on every rank
+        (torch.nn.functional.embedding(ids, weight, sparse=sparse) * g).sum().backward()
         with torch.no_grad():
-            _adagrad_rows(weight, state, weight.grad.indices()[0], weight.grad.values())
+            if sparse:                                # the rows any rank looked up, summed: the same on every rank
+                distributed.sum_sparse_grad(weight)
+                rows, grad = weight.grad.indices()[0], weight.grad.values()
+            else:
+                distributed.all_reduce_grad(weight)   # the distillation's item table: every rank's sum
+                rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
+                grad = weight.grad[rows]
+            _adagrad_rows(weight, state, rows, grad)
         if step >= warmup:
             times.append(_now() - t0)
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
@@ -185,7 +170,10 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         result = (_hand if args["variant"] == "hand" else _dmp)(*sizes)
     else:
         ids = _sampled_items(args["users"], args["batch"], world, rank, args["negatives"], args["targets"])
-        result = {"hand": _hand_items, "rows": _rows_items, "dmp": _dmp}[args["variant"]](*sizes, ids)
+        if args["variant"] == "dmp":
+            result = _dmp(*sizes, ids)
+        else:
+            result = _replicated_items(*sizes, ids, sparse=args["variant"] == "rows")
     dist.barrier()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(json.dumps(result))
