@@ -18,10 +18,7 @@ Writes bench/out/item_updates.md and bench/out/item_updates.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +28,6 @@ import bench_scale  # noqa: E402
 from hetcomp_dist.benchutil import call_in_subprocess, load_average, markdown_table, pyplot, save_figure  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-REPO = Path(__file__).resolve().parents[1]
 UPDATES = ("dense", "rows")
 
 
@@ -41,26 +37,11 @@ def generate(root: str, n_users: int, n_items: int, eval_users: int) -> dict:
 
 
 def run(data: dict, world: int, updates: str, root: Path) -> dict:
-    """One distill() in ``world`` ranks (bench_scale's rank worker); the worst rank's figures."""
-    out, result = root / f"student-w{world}-{updates}", root / f"w{world}-{updates}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = {"method": "final_ensemble", "batch_unit": "users", "sampled_negatives": 1000, "optimizer": "rowwise_adam",
-           "item_updates": updates, "max_epochs": 1, "eval_every": 1, "checkpoint": True, "threads": 1, "seed": 0}
-    spec = {"cfg": cfg, "dataset": data["dataset"], "teachers": data["teachers"], "n_users": data["n_users"],
-            "out": str(out), "result": str(result)}
-    port, procs = bench_scale._free_port(), []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, bench_scale.__file__, "--rank-worker", json.dumps(spec)],
-                                      env=env, cwd=REPO))
-    for p in procs:
-        if p.wait() != 0:
-            raise RuntimeError(f"a rank failed (exit status {p.returncode})")
-    ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
-    shutil.rmtree(out, ignore_errors=True)
-    return {"world": world, "updates": updates, "epoch_s": max(r["epoch_seconds"] for r in ranks),
-            "epoch_cpu": max(r["epoch_cpu"] for r in ranks), "peak_mb": max(r["peak_rss_mb"] for r in ranks)}
+    """One distill() in ``world`` ranks (bench_scale's run); the worst rank's figures."""
+    row = bench_scale.run_config(data, world, "rowwise_adam", root, float("inf"), label=f"items-{updates}",
+                                 extra={"method": "final_ensemble", "item_updates": updates})
+    return {"world": world, "updates": updates, "epoch_s": row["epoch_seconds"], "epoch_cpu": row["epoch_cpu"],
+            "peak_mb": row["peak_rss_mb"]}
 
 
 def main() -> None:

@@ -300,13 +300,16 @@ def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[float]:
 
 # ----------------------------------------------------------------------------- runs
 
-def run_config(data: dict, world: int, optimizer: str, root: Path, deadline: float) -> dict:
-    """One distill() run in ``world`` spawned ranks; the per-rank records and the run's summary."""
-    out = root / f"student-w{world}-{optimizer}"
+def run_config(data: dict, world: int, optimizer: str, root: Path, deadline: float,
+               extra: dict | None = None, label: str | None = None) -> dict:
+    """One distill() run in ``world`` spawned ranks; the per-rank records and the run's summary.
+    ``extra``: distill settings on top of this bench's; ``label`` names the run (default: the optimizer)."""
+    label = label or optimizer
+    out = root / f"student-w{world}-{label}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {"method": "hetcomp", "batch_unit": "users", "sampled_negatives": 1000, "optimizer": optimizer,
-           "max_epochs": 1, "eval_every": 1, "checkpoint": True, "threads": 1, "seed": 0}
-    result = root / f"w{world}-{optimizer}"
+           "max_epochs": 1, "eval_every": 1, "checkpoint": True, "threads": 1, "seed": 0, **(extra or {})}
+    result = root / f"w{world}-{label}"
     spec = {"cfg": cfg, "dataset": data["dataset"], "teachers": data["teachers"], "n_users": data["n_users"],
             "out": str(out), "result": str(result)}
     port, load_before, code = _free_port(), os.getloadavg()[0], code_version()
