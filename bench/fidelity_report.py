@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from hetcomp_dist import storage
-from hetcomp_dist.benchutil import markdown_table
+from hetcomp_dist.benchutil import markdown_table, mean_sd
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50", "coverage@50")
 LABELS = {"hetcomp": "HetComp", "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
@@ -46,12 +45,6 @@ def _lr_start(m: dict) -> int | None:
     return None
 
 
-def _cell(values: list[float], fmt: str = "{:.4f}") -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def table(runs: dict) -> str:
@@ -59,11 +52,11 @@ def table(runs: dict) -> str:
     for (method, temperature), items in sorted(runs.items()):
         done = [m for m in items if "in_progress" not in m]
         busy = [f"s{m['seed']} at {m['in_progress']}" for m in items if "in_progress" in m]
-        cells = [_cell([m["test"][k] for m in done], "{:.1f}" if "lift" in k else "{:.4f}") for k in METRICS]
+        cells = [mean_sd([m["test"][k] for m in done], "{:.1f}" if "lift" in k else "{:.4f}") for k in METRICS]
         lr = [x for x in (_lr_start(m) for m in done) if x is not None]
         rows.append([LABELS.get(method, method), temperature, len(done), *cells,
-                     _cell([m["epochs"] for m in done], "{:.0f}"), _cell(lr, "{:.0f}") or "-",
-                     _cell([m["train_seconds"] / 60 for m in done], "{:.0f}"), ", ".join(busy)])
+                     mean_sd([m["epochs"] for m in done], "{:.0f}"), mean_sd(lr, "{:.0f}") or "-",
+                     mean_sd([m["train_seconds"] / 60 for m in done], "{:.0f}"), ", ".join(busy)])
     head = ["method", "T", "seeds", *METRICS, "epochs", "L_R from epoch", "train min", "in progress"]
     return markdown_table(head, rows, numeric=False)
 

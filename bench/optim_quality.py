@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from hetcomp_dist.benchutil import mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adam", "rowwise_adam")
@@ -42,10 +43,6 @@ def run(method: str, lr: float, optimizer: str, seed: int, root: Path) -> dict:
     return metrics
 
 
-def _cell(values: list[float], fmt: str = "{:.4f}") -> str:
-    if len(values) < 2:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -55,8 +52,8 @@ def table(results: dict[str, list[dict]]) -> str:
         test = [r["test"] for r in runs]
         epochs = [float(r["epochs"]) for r in runs]
         per_epoch = [r["train_seconds"] / r["epochs"] for r in runs]
-        cells = [opt, str(len(runs)), *(_cell([t[m] for t in test]) for m in METRICS),
-                 _cell(epochs, "{:.0f}"), _cell(per_epoch, "{:.2f}")]
+        cells = [opt, str(len(runs)), *(mean_sd([t[m] for t in test]) for m in METRICS),
+                 mean_sd(epochs, "{:.0f}"), mean_sd(per_epoch, "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

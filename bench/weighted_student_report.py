@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from hetcomp_dist import storage
-from hetcomp_dist.benchutil import markdown_table
+from hetcomp_dist.benchutil import markdown_table, mean_sd
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50", "coverage@50")
 
 
-def _cell(values: list[float], fmt: str = "{:.4f}") -> str:
-    if len(values) < 2:
-        return fmt.format(values[0]) if values else ""
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def main() -> None:
@@ -35,9 +30,9 @@ def main() -> None:
                 done.append(json.loads((path / "metrics.json").read_text()))
         if not done:
             continue
-        rows.append([weights, len(done)] + [_cell([m["test"][k] for m in done]) for k in METRICS]
-                    + [_cell([m["best_epoch"] for m in done], "{:.0f}"),
-                       _cell([m["train_seconds"] / 60 for m in done], "{:.1f}")])
+        rows.append([weights, len(done)] + [mean_sd([m["test"][k] for m in done]) for k in METRICS]
+                    + [mean_sd([m["best_epoch"] for m in done], "{:.0f}"),
+                       mean_sd([m["train_seconds"] / 60 for m in done], "{:.1f}")])
         record = done[0].get("teacher_weights")
         if record:
             weights_seen[weights] = record

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,15 @@ def _child_main(argv: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- tables and plots
+
+
+def mean_sd(values: Sequence[float], fmt: str = "{:.4f}") -> str:
+    """A table cell over seeds: "mean ± sd", the value alone for one seed, "" for none."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: bool = True) -> str:
