@@ -1,0 +1,109 @@
+"""The exact softmax denominator (``akt.unobserved_exp_sum`` without sampling), forward + backward.
+
+It is most of an exact-softmax epoch (the reference regime). Variants, side by side in one process,
+alternating call by call so background load falls on all alike:
+
+- ``before``: the code before this bench: 4,096-item chunks, and each chunk found its excluded
+  entries by scanning the whole padded exclusion (a copy of that scan is below);
+- ``cN``: today's code with N-item chunks (the exclusion is scanned once); c1024 is the default.
+
+Shapes are a real step's: a batch of 1,024 train interactions of a prepared dataset, its distinct
+users (B), their padded train items plus 50 target items as the exclusion, dim 6, one thread. With
+``--widen`` the catalogue is widened F times (the exclusion keeps its shape) to show the cost
+against n_items.
+
+    .venv/bin/python bench/bench_exact_sum.py --dataset runs/citeulike/dataset --widen 1 2 4
+
+Writes bench/out/exact_sum.txt and bench/out/exact_sum.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetcomp_dist.benchutil import load_average
+from hetcomp_dist.data.dataset import load_dataset
+from hetcomp_dist.distill import akt
+
+CHUNKS = (4096, 2048, 1024, 512, 256)
+OUT = Path(__file__).parent / "out"
+
+
+def _scan_per_chunk(exclude, n_items, chunk):
+    """The exclusion as found before: one scan of the padded [B, L] per chunk."""
+    out = []
+    for c0 in range(0, n_items, chunk):
+        rows, k = torch.nonzero((exclude >= c0) & (exclude < c0 + chunk), as_tuple=True)
+        out.append((c0, (rows, exclude[rows, k] - c0)))
+    return out
+
+
+def step(u0, w0, exclude, chunk, scan):
+    akt._excluded_by_chunk = scan
+    u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+    t = time.perf_counter()
+    rest = akt.unobserved_exp_sum(u, w, exclude, 40.0, chunk=chunk)
+    rest.log().sum().backward()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="runs/citeulike/dataset")
+    ap.add_argument("--widen", type=int, nargs="+", default=[1], help="catalogue = F x the dataset's items")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--dim", type=int, default=6)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train = load_dataset(args.dataset).split("train")
+    rng = np.random.default_rng(0)
+    users_of = np.repeat(np.arange(train.n_users), train.counts())
+    users = np.unique(users_of[rng.permutation(len(users_of))[:1024]])
+    observed = torch.from_numpy(train.padded(users))
+    variants = {"before": (4096, _scan_per_chunk), **{f"c{c}": (c, akt._excluded_by_chunk) for c in CHUNKS}}
+    rows = []
+    for n_items in [f * train.n_items for f in args.widen]:
+        g = torch.Generator().manual_seed(0)
+        targets = torch.randint(0, n_items, (len(users), 50), generator=g)
+        exclude = torch.cat([observed, targets], 1)
+        u0 = 0.3 * torch.randn(len(users), args.dim, generator=g)
+        w0 = 0.3 * torch.randn(n_items, args.dim, generator=g)
+        times = {name: [] for name in variants}
+        for _ in range(args.reps + 2):
+            for name, (chunk, scan) in variants.items():
+                times[name].append(step(u0, w0, exclude, chunk, scan))
+        med = {name: 1000 * statistics.median(v[2:]) for name, v in times.items()}
+        rows.append((n_items, len(users), exclude.shape[1], med))
+        print(f"n_items {n_items:,}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()), flush=True)
+    base = "before"
+    lines = [f"# exact denominator, forward + backward, median ms per call of {args.reps} (1 thread, dim {args.dim})",
+             f"# {args.dataset}: B distinct users of 1,024 train interactions; {load_average()}", "",
+             "| n_items | B | exclusion width | " + " | ".join(variants) + " | c1024 / before |",
+             "|---:|---:|---:|" + "---:|" * (len(variants) + 1)]
+    for n_items, b, width, med in rows:
+        lines.append(f"| {n_items:,} | {b} | {width} | " + " | ".join(f"{med[k]:.1f}" for k in variants)
+                     + f" | {med['c1024'] / med[base]:.2f} |")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "exact_sum.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in variants:
+        ax.plot([r[0] for r in rows], [r[3][name] for r in rows], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="items", ylabel="ms per call (forward + backward)",
+           title="exact softmax denominator, one batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "exact_sum.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
