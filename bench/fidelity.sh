@@ -26,7 +26,7 @@ one() {
   [[ -f $out/MANIFEST.json ]] && return 0
   .venv/bin/hetcomp distill --config configs/$dataset.yaml --set distill.method=$method \
     --set distill.temperature=$temp --set distill.seed=$seed --set distill.out=$out \
-    > "$run/logs/$(basename "$out").log" 2>&1
+    >> "$run/logs/$(basename "$out").log" 2>&1
 }
 export -f one; export run dataset
 printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-1}" -L 1 bash -c 'one $0 $1 $2'

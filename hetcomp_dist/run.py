@@ -131,8 +131,13 @@ class RunLayout:
     def dataset(self) -> str:
         return self._at("dataset")
 
+    @property
+    def teachers(self) -> str:
+        """Every teacher's output: ``train-teachers`` holds this prefix's lease."""
+        return self._at("teachers")
+
     def teacher(self, name: str) -> str:
-        return self._at("teachers", check_name(name, "teacher name"))
+        return storage.join(self.teachers, check_name(name, "teacher name"))
 
     def trajectory(self, name: str) -> str:
         return storage.join(self.teacher(name), "trajectory")
@@ -145,7 +150,7 @@ class RunLayout:
 
     @property
     def teachers_summary(self) -> str:
-        return self._at("teachers", "summary")
+        return storage.join(self.teachers, "summary")
 
     @property
     def ensemble(self) -> str:

@@ -184,6 +184,37 @@ def test_a_distillation_that_lost_its_lease_commits_nothing(tmp_path: Path) -> N
     assert Path(uri).exists()                 # the thief's lease is left to the thief
 
 
+def test_train_teachers_holds_the_teachers_lease(tmp_path: Path, capsys) -> None:
+    path = _config(tmp_path, _csv(tmp_path / "a.csv"))
+    cfg = _load(path)
+    ensure_dataset(cfg)
+    with lease.hold(cfg.layout.teachers, owner="another train-teachers"):
+        with pytest.raises(LeaseHeld, match="owner 'another train-teachers'"):
+            train_teachers(cfg, sequential=True, report=lambda e: None)
+        assert main(["train-teachers", "--config", str(path), "--sequential"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hetcomp train-teachers: error: ") and err.count("\n") == 1
+    assert "another train-teachers" in err
+    assert not storage.exists(cfg.layout.teacher("mf"))                  # nothing trained, nothing written
+    train_teachers(cfg, sequential=True, report=lambda e: None)          # released: trains
+    assert storage.is_complete(cfg.layout.trajectory("mf"))
+    assert not Path(lease.lease_uri(cfg.layout.teachers)).exists()       # and releases it
+
+
+def test_a_teacher_whose_run_lost_the_lease_commits_nothing(tmp_path: Path) -> None:
+    cfg = _load(_config(tmp_path, _csv(tmp_path / "a.csv")))
+    uri = lease.lease_uri(cfg.layout.teachers)
+
+    def steal(event: dict) -> None:            # at the first evaluation: another writer takes the lease over
+        if event.get("event") == "epoch" and "valid" in event and Path(uri).exists():
+            record = json.loads(Path(uri).read_text())
+            Path(uri).write_text(json.dumps({**record, "token": "someone-else", "owner": "thief"}))
+
+    with pytest.raises(LeaseLost, match=r"taken over \(owner 'thief'"):
+        train_teachers(cfg, sequential=True, report=steal)
+    assert not storage.is_complete(cfg.layout.trajectory("mf"))
+
+
 def test_distillation_refuses_a_damaged_trajectory(tmp_path: Path) -> None:
     """Trajectories are read by row group (page checksums only): their sha256 is checked before the distillation."""
     cfg = _trained(tmp_path, _csv(tmp_path / "a.csv"))

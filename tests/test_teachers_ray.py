@@ -29,11 +29,11 @@ import pytest
 import torch
 import yaml
 
-from hetcomp_dist import config, storage
+from hetcomp_dist import config, lease, storage
 from hetcomp_dist.cli import main
 from hetcomp_dist.run import RunConfig
 from hetcomp_dist.progress import TeacherLines as ProgressPrinter
-from hetcomp_dist.teachers.actors import FORWARDED_ENV, format_summary, train_teachers
+from hetcomp_dist.teachers.actors import FORWARDED_ENV, TeachersFailed, format_summary, train_teachers
 from hetcomp_dist.teachers.trajectory import read_trajectories
 from hetcomp_dist.teachers.config import TeacherConfig
 from hetcomp_dist.loop import Checkpointer
@@ -363,3 +363,29 @@ def test_killed_teacher_resumes_from_its_checkpoint(ray_head: dict[str, Any], s3
     assert tuple(tops.shape) == (manifest["n_users"], 1, 4, 50)
     assert int(tops.min()) >= 0 and int(tops.max()) < manifest["n_items"]
     json.dumps(summaries)  # plain data
+
+
+@pytest.mark.integration
+def test_an_actor_commits_nothing_once_the_run_lost_its_lease(ray_head: dict[str, Any], datasets_dir: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actors check the driver's lease on <run>/teachers before each commit: taken over, they commit nothing."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head's mode
+    monkeypatch.setenv("HETCOMP_DATASETS_DIR", str(datasets_dir))
+    bpr = tiny_teacher("bpr_mf", max_epochs=200, patience=1000, eval_every=1)
+    path = write_config(tmp_path / "c.yaml", str(tmp_path / "run"), [bpr],
+                        ray={"address": ray_head["gcs"], "max_restarts": 0})
+    cfg = config.load(RunConfig, path)
+    uri = Path(lease.lease_uri(cfg.layout.teachers))
+    stolen: list[int] = []
+
+    def on_event(event: dict) -> None:          # at the first event from the actor: another writer takes over
+        if not stolen:
+            record = json.loads(uri.read_text())
+            uri.write_text(json.dumps({**record, "token": "someone-else", "owner": "thief"}))
+            stolen.append(event["pid"])
+
+    with pytest.raises(TeachersFailed, match="bpr_mf"):
+        train_teachers(cfg, report=on_event)
+    assert stolen and stolen[0] != os.getpid()           # the commit that failed was the actor's
+    assert not storage.is_complete(cfg.layout.trajectory("bpr_mf"))
+    assert json.loads(uri.read_text())["owner"] == "thief"   # the thief's lease is left to the thief

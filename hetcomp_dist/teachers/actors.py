@@ -11,6 +11,10 @@ A teacher with ``workers > 1`` is trained sharded by a TorchTrainer that its act
 (:mod:`hetcomp_dist.teachers.sharded`); the actor then reserves nothing and its workers reserve ``cpus`` /
 ``gpus`` each. Without Ray such a teacher is refused before any work.
 
+``train_teachers`` holds the lease of ``<run>/teachers`` (:mod:`hetcomp_dist.lease`) throughout: a second
+``train-teachers`` on the same run is refused before any work, and every manifest a teacher commits, in
+this process, an actor or a sharded teacher's Ray Train worker, checks that lease first.
+
 At the end the summaries (test Recall/NDCG, best epoch, train seconds) are printed as a table and
 written to ``<run>/teachers/summary`` (``summary.json`` + manifest). A teacher whose complete
 trajectory was written with the same teacher and trajectory settings, on the same dataset (its identity,
@@ -24,7 +28,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from hetcomp_dist import lineage, storage
+from hetcomp_dist import lease, lineage, storage
 from hetcomp_dist.config import ConfigError, to_dict
 from hetcomp_dist.device import resolve, under_reservation
 from hetcomp_dist.progress import TeacherProgress
@@ -57,7 +61,13 @@ class TeacherActor:
         if endpoint_url:
             storage.configure(endpoint_url=endpoint_url)
 
-    def train(self, cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any) -> dict[str, Any]:
+    def train(self, cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any,
+              held: Any = None) -> dict[str, Any]:
+        with lineage.worker_scope(cfg.layout.teachers, held, None):    # commits check the driver's lease
+            return self._train(cfg, teacher, dataset_uri, events, held)
+
+    def _train(self, cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any,
+               held: Any) -> dict[str, Any]:
         import ray
 
         def report(event: Event) -> None:  # waits for the box, so every event is in before train() returns
@@ -68,7 +78,7 @@ class TeacherActor:
         if teacher.workers > 1:     # sharded: this actor reserved nothing and waits for its Ray Train workers
             from hetcomp_dist.teachers.sharded import fit
 
-            return fit(cfg, teacher, dataset_uri, events, placed, at)
+            return fit(cfg, teacher, dataset_uri, events, placed, at, held)
         device = resolve(placed, f"{at}.device")      # Ray gave this actor its GPUs: cuda means the first
         return train_teacher(teacher, dataset_uri, cfg.layout.teacher(teacher.name), cfg.trajectory,
                              tuple(cfg.ks), cfg.eval_batch_size, report, device)
@@ -120,7 +130,13 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     report = report or TeacherProgress(cfg.teachers, cfg.layout.tensorboard)
     dataset_uri = ensure_dataset(cfg)
     identity = lineage.dataset_identity(dataset_uri)
+    with lease.hold(cfg.layout.teachers) as held:   # LeaseHeld: another train-teachers is writing this run
+        return _train_all(cfg, sequential, report, dataset_uri, identity, devices, held)
 
+
+def _train_all(cfg: RunConfig, sequential: bool, report: Callable[[Event], None], dataset_uri: str,
+               identity: dict[str, Any], devices: dict[str, Any], held: Any) -> list[dict[str, Any]]:
+    names = [t.name for t in cfg.teachers]
     results: dict[str, dict[str, Any]] = {}
     for t in cfg.teachers:
         if (summary := _finished_summary(cfg, t, identity)) is not None:
@@ -132,7 +148,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
             results[t.name] = train_teacher(t, dataset_uri, cfg.layout.teacher(t.name), cfg.trajectory,
                                             tuple(cfg.ks), cfg.eval_batch_size, report, devices[t.name])
     elif todo:
-        results.update(train_on_ray(cfg, todo, dataset_uri, report))
+        results.update(train_on_ray(cfg, todo, dataset_uri, report, held))
 
     summaries = [results[n] for n in names]
     with storage.open_output(cfg.layout.teachers_summary, kind="teacher-summary",
@@ -188,9 +204,10 @@ def forwarded_env() -> dict[str, str]:
 
 
 def train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str,
-                 report: Callable[[Event], None]) -> dict[str, dict[str, Any]]:
+                 report: Callable[[Event], None], held: Any = None) -> dict[str, dict[str, Any]]:
     """Train ``teachers`` on ``dataset_uri`` concurrently, one Ray actor each (the refresh passes a data
-    version and warm-starting configs); their summaries by name."""
+    version and warm-starting configs); their summaries by name. ``held``: the driver's lease on
+    ``cfg.layout.teachers``, which the actors check before each commit there."""
     import ray
 
     started = init_ray(cfg.ray)
@@ -214,7 +231,7 @@ def train_on_ray(cfg: RunConfig, teachers: list[TeacherConfig], dataset_uri: str
                 max_task_retries=cfg.ray.max_restarts, runtime_env={"env_vars": env} if env else None,
             ).remote(cfg.storage.endpoint_url)
             actors.append(actor)
-            pending[actor.train.remote(cfg, t, dataset_uri, box)] = (t.name, actor)
+            pending[actor.train.remote(cfg, t, dataset_uri, box, held)] = (t.name, actor)
         results, failures = {}, {}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)

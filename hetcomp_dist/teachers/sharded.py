@@ -51,9 +51,11 @@ from hetcomp_dist.teachers.train import Evaluator, checkpointer, load_loop_state
 Report = Callable[[dict[str, Any]], None]
 
 
-def fit(cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any, placed: str, at: str) -> dict[str, Any]:
+def fit(cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any, placed: str, at: str,
+        held: Any = None) -> dict[str, Any]:
     """In the teacher's actor: train ``teacher`` on a TorchTrainer of ``teacher.workers`` workers; returns
-    its summary (from its trajectory's manifest, which rank 0 wrote last)."""
+    its summary (from its trajectory's manifest, which rank 0 wrote last). The workers check the driver's
+    lease ``held`` before each commit."""
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -65,7 +67,7 @@ def fit(cfg: RunConfig, teacher: TeacherConfig, dataset_uri: str, events: Any, p
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg, "teacher": teacher, "dataset_uri": dataset_uri, "out": out,
-                           "events": events, "device": placed, "at": at},
+                           "events": events, "device": placed, "at": at, "lease": held},
         torch_config=TorchConfig(backend=device.backend(placed)),
         scaling_config=ScalingConfig(num_workers=teacher.workers, use_gpu=placed == "cuda",
                                      resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
@@ -94,8 +96,9 @@ def _worker(config: dict[str, Any]) -> None:
         if rank == 0:
             ray.get(events.push.remote({**event, "pid": os.getpid()}))
 
-    train_sharded(config["teacher"], config["dataset_uri"], config["out"], cfg.trajectory, tuple(cfg.ks),
-                  cfg.eval_batch_size, report, device.resolve(config["device"], f"{config['at']}.device"))
+    with lineage.worker_scope(cfg.layout.teachers, config.get("lease"), None):
+        train_sharded(config["teacher"], config["dataset_uri"], config["out"], cfg.trajectory, tuple(cfg.ks),
+                      cfg.eval_batch_size, report, device.resolve(config["device"], f"{config['at']}.device"))
 
 
 def train_sharded(cfg: TeacherConfig, dataset_uri: str, out: str, trajectory: TrajectoryConfig,
