@@ -249,8 +249,6 @@ def build_state(spec: dict, cfg, max_setup_batches: int) -> State:
     """Setup as distill() does it: load the dataset, then the KD objective (P_u and T_u at stage 0,
     built from the trajectories read by row group in blocks of users; the lists are not kept) and
     the sampler's PairIndex. ``max_setup_batches`` is kept for the command line; the build is whole."""
-    import torch
-
     from hetcomp_dist.data.dataset import load_dataset
     from hetcomp_dist.distill.objectives import KDObjective
     from hetcomp_dist.distill.student import build_student
@@ -294,7 +292,7 @@ class StepVariant:
         self.item_weight = self.student.tables.weight("item")
         for p in self.student.parameters():
             p.grad = torch.zeros_like(p)
-        self.sampler = torch.Generator().manual_seed(cfg.seed * 1000)
+        self.sampler = np.random.default_rng(cfg.seed)
         rng = np.random.default_rng([cfg.seed, 1])                     # epoch 1's order, as the loop draws it
         self.order = rng.permutation(data.train.nnz if self.unit == "interactions" else len(state.units))
         self.batches_per_epoch = -(-len(self.order) // cfg.batch_size)
@@ -316,6 +314,8 @@ class StepVariant:
         return local, p, t, torch.cat([torch.from_numpy(self.state.data.train.padded(users)), t], 1)
 
     def step(self, timed: bool) -> None:
+        import torch
+
         from hetcomp_dist import distributed
         from hetcomp_dist.distill import akt
 
@@ -324,7 +324,8 @@ class StepVariant:
         local, p, t, exclude = self._draw()
         t1 = time.perf_counter()
         u_emb = self.student.tables(user=local)["user"]
-        rest = akt.unobserved_exp_sum(u_emb, self.item_weight, exclude, cfg.score_clamp, self.sampled, self.sampler)
+        sample = torch.from_numpy(self.sampler.integers(0, self.item_weight.shape[0], self.sampled)) if self.sampled else None
+        rest = akt.unobserved_exp_sum(u_emb, self.item_weight, exclude, cfg.score_clamp, sample)
         s_p = akt.list_scores(u_emb, self.item_weight, p, cfg.score_clamp)
         s_t = akt.list_scores(u_emb, self.item_weight, t, cfg.score_clamp)
         loss = cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, None).sum()

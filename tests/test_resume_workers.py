@@ -77,10 +77,11 @@ def _config(optimizer: str = "adam") -> DistillConfig:
 OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam", "item_rows"])
 
 
-def _tolerance(optimizer: str) -> float:
-    # Under the sampled denominator each rank draws its own samples, so the epochs run by two workers
-    # differ from one process's (60 users: one user's hit moves recall@10 by about 0.02).
-    return 0.1 if optimizer == "item_rows" else 0.03
+def _same_run(resumed: dict, straight: dict) -> None:
+    # Two workers sum the same gradients as one process, in another order (the sampled denominator's
+    # items too: every rank draws them from the epoch's rng), so the runs agree to float rounding.
+    assert resumed["test"]["recall@10"] == straight["test"]["recall@10"]
+    assert resumed["test"]["ndcg@10"] == pytest.approx(straight["test"]["ndcg@10"], rel=1e-4)
 
 
 class _Crash(Exception):
@@ -98,7 +99,7 @@ def test_two_workers_then_one(run, tmp_path, optimizer):  # noqa: F811
     straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 1
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
-    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=_tolerance(optimizer))
+    _same_run(resumed, straight)
 
 
 @OPTIMIZERS
@@ -117,7 +118,7 @@ def test_one_worker_then_two(run, tmp_path, optimizer):  # noqa: F811
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 2
     assert [h["epoch"] for h in resumed["history"]] == [5, 10, 15, 20]
     straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
-    assert resumed["test"]["recall@10"] == pytest.approx(straight["test"]["recall@10"], abs=_tolerance(optimizer))
+    _same_run(resumed, straight)
     # each worker holds about half of what one process holds: its users' data, rows and state
     (whole,), halves = straight["rank_bytes"], resumed["rank_bytes"]
     assert len(halves) == 2 and all(h["student"] == halves[0]["student"] for h in halves)

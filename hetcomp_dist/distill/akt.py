@@ -93,26 +93,20 @@ def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
 
 
 def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclude: torch.Tensor, clamp: float,
-                       sampled: int = 0, generator: torch.Generator | None = None, chunk: int = 1024,
-                       sparse: bool = False) -> torch.Tensor:
+                       sample: torch.Tensor | None = None, chunk: int = 1024, sparse: bool = False) -> torch.Tensor:
     """rest_u = sum over items i not in ``exclude[u]`` of e^{clamp(s_ui)}: float [B], differentiable.
 
     Args:
         exclude: int [B, L], -1 padded: each user's observed items and target list (no duplicates
             needed; duplicates are harmless for the exact sum).
-        sampled: 0 for the exact sum; m > 0 estimates it as (n_items - |exclude_u|) times the mean of
-            e^{s} over m uniform samples (shared by the batch) that are not excluded for u: uniform
-            proposal, so the log-Q correction is that one factor.
-        generator: draws the samples, on its own device (default: torch's generator of the embeddings'
-            device); ``exclude`` is on the embeddings' device.
-        sparse: with ``sampled``, the item table's gradient is a sparse tensor of the sampled rows only.
+        sample: None for the exact sum; m uniform item ids (int64 [m], shared by the batch, on any
+            device) estimate it as (n_items - |exclude_u|) times the mean of e^{s} over the samples
+            not excluded for u: uniform proposal, so the log-Q correction is that one factor.
+        sparse: with ``sample``, the item table's gradient is a sparse tensor of the sampled rows only.
     """
-    if not sampled:
+    if sample is None:
         return _ExcludedExpSum.apply(user_emb, item_weight, exclude, clamp, chunk)
     n_items = item_weight.shape[0]
-    # Drawn on the generator's device (a CPU generator: the same samples on every device), then moved.
-    sample = torch.randint(n_items, (sampled,), generator=generator,
-                           device=generator.device if generator is not None else item_weight.device)
     sample = sample.to(item_weight.device)
     rows = F.embedding(sample, item_weight, sparse=sparse)                     # [m, d]
     e = (user_emb @ rows.T).clamp(-clamp, clamp).exp()                         # [B, m]

@@ -151,7 +151,6 @@ class KDObjective:
         self._rebuild(torch.arange(stop - start))
         self.units, self.n_units, self.unit_range = _units(cfg, data, rank)
         self.train_users = data.train.users()                     # this rank's interactions (global users)
-        self.sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
         self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
         self.phase = "L_O"
 
@@ -217,6 +216,10 @@ class KDObjective:
         items = self.student.tables.weight("item")
         dev = items.device                    # the resident state stays on the CPU; the batch's part moves
         batch_users = self.train_users[batch.units] if self.units is None else self.units[batch.units]
+        # drawn for the global batch, on every rank, from the epoch's rng: the same items whatever the
+        # number of ranks, and a resumed epoch draws what the uninterrupted one did
+        sample = (torch.from_numpy(rng.integers(0, self.data.n_items, self.cfg.sampled_negatives))
+                  if self.cfg.sampled_negatives else None)
         if not len(batch_users):
             return torch.zeros((), device=dev)
         users = np.unique(batch_users)
@@ -224,10 +227,8 @@ class KDObjective:
         p, t, cfg = self.observed[local].long().to(dev), self.targets[local].long().to(dev), self.cfg
         u_emb = self.student.user_rows(local.to(dev))
         exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)).to(dev), t], 1)   # N_u \ T_u is the rest
-        # the sampler is a CPU generator (the same samples on every device); akt moves the samples
         sparse = self.student.sparse_item_grad
-        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, cfg.sampled_negatives, self.sampler,
-                                      sparse=sparse)
+        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, sample, sparse=sparse)
         s_p = akt.list_scores(u_emb, items, p, cfg.score_clamp, sparse)
         s_t = akt.list_scores(u_emb, items, t, cfg.score_clamp, sparse)
         w = None if self.weights is None else self.weights[local].to(dev)
