@@ -9,15 +9,16 @@ With no method or sweep flag it compares the student alone (bpr) with HetComp, t
 ``hetcomp demo``; ``--full`` adds rrd, the ablation and every sweep at its default values. Steps
 (each reuses what storage already holds, so a rerun only fills gaps):
 
-1. teachers: reused when every ``<run>/teachers/<name>/trajectory`` is complete, else trained
-   (``hetcomp train-teachers``; ``--sequential-teachers``: without Ray);
+1. teachers: reused when every ``<run>/teachers/<name>/trajectory`` is complete, of the run's dataset
+   and of the teacher's settings (train-teachers' own skip rule), else trained (``hetcomp
+   train-teachers``; ``--sequential-teachers``: without Ray);
 2. each teacher alone (its summary: the best valid epoch's model on test) and their ensemble
    (``<run>/ensemble/metrics.json`` if ``hetcomp ensemble`` wrote it for these teachers, else
    computed here by the same code, over the final snapshots);
 3. students, each ``pipeline.distill_run`` in this process into ``<run>/distill/<variant>``
    (``<run>/distill_quick/<variant>`` with --quick, so smoke students never pass for real ones),
    skipped when that output is complete and its config matches (``--redo-stale`` retrains one that
-   does not): bpr (no teachers), rrd (listwise distillation of the best teacher by VALID
+   does not; one distilled from another dataset is always retrained): bpr (no teachers), rrd (listwise distillation of the best teacher by VALID
    recall@50, so the choice does not peek at test), ablation (method final_ensemble: the final
    ensemble with L_R from epoch 1, no DKC), hetcomp, hetcomp + A(lambda) / B(gamma) / IPW(eta);
 4. hetcomp + penalty(beta): the saved hetcomp student re-ranked post hoc (no training).
@@ -329,15 +330,21 @@ class Log:
         print(json.dumps({"message": message, **fields}, default=str) if self.json else message, flush=True)
 
 
-def teachers_complete(cfg) -> bool:
-    from hetcomp_dist import storage
+def teachers_current(cfg) -> bool:
+    """Whether every teacher has a complete trajectory of the run's dataset with its settings (the rule
+    by which train-teachers skips one)."""
+    from hetcomp_dist import lineage, storage
+    from hetcomp_dist.teachers.actors import finished_summary
 
-    return all(storage.is_complete(cfg.layout.trajectory(t.name)) for t in cfg.teachers)
+    if not storage.is_complete(cfg.dataset_uri):
+        return False
+    identity = lineage.dataset_identity(cfg.dataset_uri)
+    return all(finished_summary(cfg, t, identity) is not None for t in cfg.teachers)
 
 
 def ensure_teachers(cfg, sequential: bool, log: Log) -> None:
-    """Train the run's teachers (preparing its dataset first) unless every trajectory is complete."""
-    if teachers_complete(cfg):
+    """Train the run's teachers (preparing its dataset first) unless every one is current."""
+    if teachers_current(cfg):
         return
     from hetcomp_dist.run import ensure_dataset
     from hetcomp_dist.teachers.actors import TeachersFailed, train_teachers
@@ -394,8 +401,9 @@ def config_drift(stored: dict[str, Any], wanted) -> list[str]:
 
 
 def run_student(args: argparse.Namespace, v: Variant, root: str, log: Log) -> tuple[dict[str, Any], str]:
-    """Train variant ``v`` unless its output is complete; returns (metrics.json, what happened)."""
-    from hetcomp_dist import config, storage
+    """Train variant ``v`` unless its output is complete and of the run's dataset; returns (metrics.json,
+    what happened)."""
+    from hetcomp_dist import config, lineage, storage
     from hetcomp_dist.pipeline import distill_run
     from hetcomp_dist.run import RunConfig
 
@@ -404,8 +412,12 @@ def run_student(args: argparse.Namespace, v: Variant, root: str, log: Log) -> tu
                  *(args.bpr_overrides if v.method == "bpr" else ()), *(QUICK_SETS if args.quick else ())]
     cfg = config.load(RunConfig, args.config, overrides)
     if storage.is_complete(out):
-        drift = config_drift(storage.read_manifest(out).get("config", {}), cfg.distill)
-        if not drift or not args.redo_stale:
+        manifest = storage.read_manifest(out)
+        drift = config_drift(manifest.get("config", {}), cfg.distill)
+        if not lineage.same(manifest.get(lineage.KEY), lineage.dataset_identity(cfg.dataset_uri)):
+            log(f"{out} was distilled from another dataset ({lineage.describe(manifest.get(lineage.KEY))}): "
+                "retraining it", event="foreign", variant=v.key)
+        elif not drift or not args.redo_stale:
             note = f"reused {out}" + (f" (differs from the asked config in {', '.join(drift)}; "
                                       "--redo-stale retrains)" if drift else "")
             return storage.read_json(out, "metrics.json"), note

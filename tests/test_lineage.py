@@ -118,6 +118,35 @@ def test_a_finished_teacher_of_another_dataset_is_trained_again(tmp_path: Path) 
     assert storage.read_manifest(cfg.layout.trajectory("mf"))["dataset"] == lineage.dataset_identity(cfg.dataset_uri)
 
 
+def test_compare_reuses_only_teachers_and_students_of_the_runs_dataset(tmp_path: Path) -> None:
+    import argparse
+
+    from hetcomp_dist import compare
+
+    source = _csv(tmp_path / "a.csv")
+    path = _config(tmp_path, source)
+    cfg = _load(path)
+    train_teachers(cfg, sequential=True, report=lambda e: None)
+    args = argparse.Namespace(config=str(path), overrides=[], quick=False, redo_stale=False, bpr_overrides=[])
+    variant = compare.Variant("ablation", "ablation", "final_ensemble")
+    root = str(tmp_path / "run" / "distill")
+    log = compare.Log()
+    assert compare.teachers_current(cfg)
+    assert compare.run_student(args, variant, root, log)[1].startswith("trained into")
+    assert compare.run_student(args, variant, root, log)[1].startswith("reused")
+    # The same settings, other bytes: the dataset prepared again from a changed file.
+    _csv(source, shift=2)
+    storage.remove(cfg.dataset_uri)
+    ensure_dataset(cfg)
+    assert not compare.teachers_current(cfg)                  # their trajectories are of the old dataset
+    train_teachers(cfg, sequential=True, report=lambda e: None)
+    assert compare.teachers_current(cfg)
+    metrics, note = compare.run_student(args, variant, root, log)
+    assert note.startswith("trained into")                     # not reused: distilled from the old dataset
+    manifest = storage.read_manifest(storage.join(root, "ablation"))
+    assert manifest["dataset"] == lineage.dataset_identity(cfg.dataset_uri)
+
+
 def test_a_checkpoint_of_another_dataset_is_not_resumed(tmp_path: Path) -> None:
     from hetcomp_dist.teachers import train
 

@@ -139,7 +139,7 @@ def _train_all(cfg: RunConfig, sequential: bool, report: Callable[[Event], None]
     names = [t.name for t in cfg.teachers]
     results: dict[str, dict[str, Any]] = {}
     for t in cfg.teachers:
-        if (summary := _finished_summary(cfg, t, identity)) is not None:
+        if (summary := finished_summary(cfg, t, identity)) is not None:
             report({"teacher": t.name, "event": "skipped"})
             results[t.name] = summary
     todo = [t for t in cfg.teachers if t.name not in results]
@@ -180,7 +180,7 @@ def _check_devices(cfg: RunConfig, sequential: bool) -> dict[str, Any]:
     return devices
 
 
-def _finished_summary(cfg: RunConfig, teacher: TeacherConfig,
+def finished_summary(cfg: RunConfig, teacher: TeacherConfig,
                       identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The summary in a complete trajectory written with the same teacher and trajectory settings on the
     same dataset (lineage: its identity, default the run's dataset's), else None."""
