@@ -18,9 +18,10 @@ With no method or sweep flag it compares the student alone (bpr) with HetComp, t
 3. students, each ``pipeline.distill_run`` in this process into ``<run>/distill/<variant>``
    (``<run>/distill_quick/<variant>`` with --quick, so smoke students never pass for real ones),
    skipped when that output is complete and its config matches (``--redo-stale`` retrains one that
-   does not; one distilled from another dataset is always retrained): bpr (no teachers), rrd (listwise distillation of the best teacher by VALID
-   recall@50, so the choice does not peek at test), ablation (method final_ensemble: the final
-   ensemble with L_R from epoch 1, no DKC), hetcomp, hetcomp + A(lambda) / B(gamma) / IPW(eta);
+   does not; one distilled from another dataset is always retrained): bpr (no teachers), rrd
+   (listwise distillation of the best teacher by VALID recall@50, so the choice does not peek at
+   test), ablation (method final_ensemble: the final ensemble with L_R from epoch 1, no DKC),
+   hetcomp, hetcomp + A(lambda) / B(gamma) / IPW(eta);
 4. hetcomp + penalty(beta): the saved hetcomp student re-ranked post hoc (no training).
 
 Writes report.md (the table, the gains of HetComp over bpr and the ablation), tradeoff.png (test

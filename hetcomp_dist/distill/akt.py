@@ -8,8 +8,8 @@ only
 
 :func:`unobserved_exp_sum` computes rest_u in item chunks with a hand-written backward, so the
 B x n_items scores exist one chunk at a time instead of as a dozen full B x n_items tensors
-(scores, clamp, exp, masks and their gradients); with ``sampled`` it estimates the sum
-from that many uniform item samples (log-Q corrected), for catalogues too large for the full sum.
+(scores, clamp, exp, masks and their gradients); given a ``sample`` of uniform item ids it
+estimates the sum from them (log-Q corrected), for catalogues too large for the full sum.
 The sums over T^50 and T^10's complements follow by adding back T's tail terms, all positive, so
 nothing is subtracted. Observed and unobserved items are never compared: every denominator sums
 over unobserved items only.

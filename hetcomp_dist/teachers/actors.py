@@ -181,7 +181,7 @@ def _check_devices(cfg: RunConfig, sequential: bool) -> dict[str, Any]:
 
 
 def finished_summary(cfg: RunConfig, teacher: TeacherConfig,
-                      identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                     identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The summary in a complete trajectory written with the same teacher and trajectory settings on the
     same dataset (lineage: its identity, default the run's dataset's), else None."""
     uri = cfg.layout.trajectory(teacher.name)
