@@ -40,6 +40,7 @@ import getpass
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ from hetcomp_dist import storage
 from hetcomp_dist.storage import StorageError
 
 SUFFIX = ".lease"
+WAIT_ENV = "HETCOMP_LEASE_WAIT_S"
 FORMAT = "hetcomp-lease/1"
 _UNREADABLE_GRACE_S = 10.0     # a lease file still empty / unparseable after this is a dead creator's
 
@@ -406,11 +408,46 @@ class _Renewer(threading.Thread):
         self.join(timeout=30)
 
 
+def wait_setting() -> float:
+    """Seconds to wait for a held lease before giving up: ``HETCOMP_LEASE_WAIT_S`` (default 0).
+
+    A job retried after its driver died on another host (a RayJob's new cluster) finds the dead
+    driver's lease until it expires (its TTL); with a wait longer than the TTL the retry takes it over.
+    """
+    raw = os.environ.get(WAIT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise StorageError(f"{WAIT_ENV}={raw!r}: must be a number of seconds >= 0")
+    return value
+
+
+def acquire_waiting(prefix: str, owner: str | None = None, ttl_s: float = 900.0, wait_s: float = 0.0,
+                    poll_s: float = 5.0) -> Lease:
+    """:func:`acquire`, retried for up to ``wait_s`` seconds while another writer holds the lease."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return acquire(prefix, owner, ttl_s)
+        except LeaseHeld as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not told:                         # one line, then quiet until it is ours or time is up
+                print(f"{e} -- waiting up to {wait_s:g} s ({WAIT_ENV})", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(min(poll_s, left))
+
+
 @contextlib.contextmanager
-def hold(prefix: str, owner: str | None = None, ttl_s: float = 900.0) -> Iterator[Lease]:
+def hold(prefix: str, owner: str | None = None, ttl_s: float = 900.0, wait_s: float | None = None) -> Iterator[Lease]:
     """Hold the lease on ``prefix`` for the block (renewed meanwhile); every manifest committed at or
-    under ``prefix`` in this process checks it first. Released (if still ours) on leaving."""
-    lease = acquire(prefix, owner, ttl_s)
+    under ``prefix`` in this process checks it first. Released (if still ours) on leaving. A held
+    lease is waited for up to ``wait_s`` seconds (default: :func:`wait_setting`)."""
+    lease = acquire_waiting(prefix, owner, ttl_s, wait_setting() if wait_s is None else wait_s)
     renewer = _Renewer(lease)
     renewer.start()
     try:
@@ -421,4 +458,5 @@ def hold(prefix: str, owner: str | None = None, ttl_s: float = 900.0) -> Iterato
         lease.release()
 
 
-__all__ = ["Lease", "LeaseHeld", "LeaseLost", "acquire", "hold", "lease_uri", "SUFFIX"]
+__all__ = ["Lease", "LeaseHeld", "LeaseLost", "acquire", "acquire_waiting", "hold", "lease_uri", "wait_setting",
+           "SUFFIX", "WAIT_ENV"]

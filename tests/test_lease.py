@@ -249,3 +249,29 @@ def test_a_killed_rewrite_leaves_nothing_of_the_old_dataset_to_trust(storage_roo
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
     assert names == sorted(["MANIFEST.json", *storage.read_manifest(out)["parts"]]), names
     assert storage.read_manifest(out)["meta"]["seed"] == 1
+
+
+def test_a_held_lease_is_waited_for_up_to_the_setting(storage_root: str, monkeypatch, capsys) -> None:
+    """A retried job (its dead driver's lease not yet expired) waits for it, then takes it over."""
+    prefix = storage.join(storage_root, "out")
+    old = lease.acquire(prefix, owner="dead driver", ttl_s=1.0)     # not renewed: expires in 1 s
+    with pytest.raises(LeaseHeld, match="owner 'dead driver'"):
+        with lease.hold(prefix, owner="retry", wait_s=0.3):
+            pass
+    assert "waiting up to 0.3 s" in capsys.readouterr().err
+    monkeypatch.setenv(lease.WAIT_ENV, "10")
+    start = time.monotonic()
+    with lease.hold(prefix, owner="retry") as held:
+        assert 0.5 < time.monotonic() - start < 8
+        held.check()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "owner 'dead driver'" in err[0] and f"waiting up to 10 s ({lease.WAIT_ENV})" in err[0]
+    with pytest.raises(LeaseLost):
+        old.check()
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+def test_a_bad_wait_setting_is_one_line_naming_it(monkeypatch, value) -> None:
+    monkeypatch.setenv(lease.WAIT_ENV, value)
+    with pytest.raises(StorageError, match=f"{lease.WAIT_ENV}='{value}': must be a number of seconds >= 0"):
+        lease.wait_setting()
