@@ -3,9 +3,13 @@
 It is most of an exact-softmax epoch (the reference regime). Variants, side by side in one process,
 alternating call by call so background load falls on all alike:
 
-- ``before``: the code before this bench: 4,096-item chunks, and each chunk found its excluded
-  entries by scanning the whole padded exclusion (a copy of that scan is below);
-- ``cN``: today's code with N-item chunks (the exclusion is scanned once); c1024 is the default.
+- ``before``: the first code: 4,096-item chunks, each chunk scanning the whole padded exclusion for
+  its excluded entries, the backward recomputing and rescaling every chunk (copied below);
+- ``c1024``: 1,024-item chunks and one scan of the exclusion, the same backward (copied below);
+- ``recompute``: today's code with its cache off (``akt.CACHE_BYTES = 0``): no clamp pass where no
+  score can reach the clamp, and a backward of two products with the gradient folded into the small
+  operands;
+- ``now``: today's code: as ``recompute``, with the forward's e^s chunks kept for the backward.
 
 Shapes are a real step's: a batch of 1,024 train interactions of a prepared dataset, its distinct
 users (B), their padded train items plus 50 target items as the exclusion, dim 6, one thread. With
@@ -31,12 +35,12 @@ from hetcomp_dist.benchutil import load_average
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.distill import akt
 
-CHUNKS = (4096, 2048, 1024, 512, 256)
 OUT = Path(__file__).parent / "out"
+VARIANTS = ("before", "c1024", "recompute", "now")
 
 
 def _scan_per_chunk(exclude, n_items, chunk):
-    """The exclusion as found before: one scan of the padded [B, L] per chunk."""
+    """The exclusion as found first: one scan of the padded [B, L] per chunk."""
     out = []
     for c0 in range(0, n_items, chunk):
         rows, k = torch.nonzero((exclude >= c0) & (exclude < c0 + chunk), as_tuple=True)
@@ -44,12 +48,57 @@ def _scan_per_chunk(exclude, n_items, chunk):
     return out
 
 
-def step(u0, w0, exclude, chunk, scan):
-    akt._excluded_by_chunk = scan
+class _Earlier(torch.autograd.Function):
+    """The earlier forward and backward: clamp always, the backward recomputes each chunk and rescales it."""
+
+    @staticmethod
+    def forward(ctx, user_emb, item_weight, exclude, clamp, chunk, scan):
+        hits = scan(exclude, item_weight.shape[0], chunk)
+        item_t = item_weight.T.contiguous()
+        total = user_emb.new_zeros(user_emb.shape[0])
+        for c0, (rows, cols) in hits:
+            e = (user_emb @ item_t[:, c0:c0 + chunk]).clamp_(-clamp, clamp).exp_()
+            e[rows, cols] = 0
+            total += e.sum(1)
+        ctx.save_for_backward(user_emb, item_weight, item_t)
+        ctx.hits, ctx.clamp, ctx.chunk = hits, clamp, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        user_emb, item_weight, item_t = ctx.saved_tensors
+        grad_user, grad_item = torch.zeros_like(user_emb), torch.zeros_like(item_weight)
+        for c0, (rows, cols) in ctx.hits:
+            s = user_emb @ item_t[:, c0:c0 + ctx.chunk]
+            lo, hi = torch.aminmax(s)
+            clamped = bool(lo < -ctx.clamp or hi > ctx.clamp)
+            g = (s.clamp(-ctx.clamp, ctx.clamp) if clamped else s).exp_()
+            g[rows, cols] = 0
+            g.mul_(grad_total[:, None])
+            if clamped:
+                g.masked_fill_(s.abs() > ctx.clamp, 0)
+            grad_user.addmm_(g, item_weight[c0:c0 + ctx.chunk])
+            grad_item[c0:c0 + ctx.chunk] = (user_emb.T @ g).T
+        return grad_user, grad_item, None, None, None, None
+
+
+def _call(name, u, w, exclude):
+    if name == "before":
+        return _Earlier.apply(u, w, exclude, 40.0, 4096, _scan_per_chunk)
+    if name == "c1024":
+        return _Earlier.apply(u, w, exclude, 40.0, 1024, akt._excluded_by_chunk)
+    cache = akt.CACHE_BYTES
+    akt.CACHE_BYTES = 0 if name == "recompute" else cache
+    try:
+        return akt.unobserved_exp_sum(u, w, exclude, 40.0)
+    finally:
+        akt.CACHE_BYTES = cache
+
+
+def step(name, u0, w0, exclude):
     u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
     t = time.perf_counter()
-    rest = akt.unobserved_exp_sum(u, w, exclude, 40.0, chunk=chunk)
-    rest.log().sum().backward()
+    _call(name, u, w, exclude).log().sum().backward()
     return time.perf_counter() - t
 
 
@@ -66,7 +115,7 @@ def main() -> None:
     users_of = np.repeat(np.arange(train.n_users), train.counts())
     users = np.unique(users_of[rng.permutation(len(users_of))[:1024]])
     observed = torch.from_numpy(train.padded(users))
-    variants = {"before": (4096, _scan_per_chunk), **{f"c{c}": (c, akt._excluded_by_chunk) for c in CHUNKS}}
+    variants = VARIANTS
     rows = []
     for n_items in [f * train.n_items for f in args.widen]:
         g = torch.Generator().manual_seed(0)
@@ -76,19 +125,19 @@ def main() -> None:
         w0 = 0.3 * torch.randn(n_items, args.dim, generator=g)
         times = {name: [] for name in variants}
         for _ in range(args.reps + 2):
-            for name, (chunk, scan) in variants.items():
-                times[name].append(step(u0, w0, exclude, chunk, scan))
+            for name in variants:
+                times[name].append(step(name, u0, w0, exclude))
         med = {name: 1000 * statistics.median(v[2:]) for name, v in times.items()}
         rows.append((n_items, len(users), exclude.shape[1], med))
         print(f"n_items {n_items:,}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()), flush=True)
     base = "before"
     lines = [f"# exact denominator, forward + backward, median ms per call of {args.reps} (1 thread, dim {args.dim})",
              f"# {args.dataset}: B distinct users of 1,024 train interactions; {load_average()}", "",
-             "| n_items | B | exclusion width | " + " | ".join(variants) + " | c1024 / before |",
-             "|---:|---:|---:|" + "---:|" * (len(variants) + 1)]
+             "| n_items | B | exclusion width | " + " | ".join(variants) + " | now / before | now / c1024 |",
+             "|---:|---:|---:|" + "---:|" * (len(variants) + 2)]
     for n_items, b, width, med in rows:
         lines.append(f"| {n_items:,} | {b} | {width} | " + " | ".join(f"{med[k]:.1f}" for k in variants)
-                     + f" | {med['c1024'] / med[base]:.2f} |")
+                     + f" | {med['now'] / med[base]:.2f} | {med['now'] / med['c1024']:.2f} |")
     OUT.mkdir(exist_ok=True)
     (OUT / "exact_sum.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

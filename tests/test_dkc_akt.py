@@ -231,8 +231,11 @@ def test_clamped_scores_pass_no_gradient_through_the_sum():
     assert u.grad.tolist() == [[0.0, math.exp(1), 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("cache", [True, False])  # the forward's e^s chunks kept for the backward, or recomputed
 @pytest.mark.parametrize("clamp", [40.0, 0.5])  # 0.5: some scores are clamped (no gradient through them)
-def test_exact_sum_gradients_for_user_and_item_embeddings(clamp):
+def test_exact_sum_gradients_for_user_and_item_embeddings(clamp, cache, monkeypatch):
+    if not cache:
+        monkeypatch.setattr(akt, "CACHE_BYTES", 0)
     g = torch.Generator().manual_seed(5)
     u = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 3, dtype=torch.float64, generator=g, requires_grad=True)
