@@ -5,10 +5,11 @@ alternating call by call so background load falls on all alike:
 
 - ``before``: the first code: 4,096-item chunks, each chunk scanning the whole padded exclusion for
   its excluded entries, the backward recomputing and rescaling every chunk (copied below);
-- ``c1024``: 1,024-item chunks and one scan of the exclusion, the same backward (copied below);
-- ``recompute``: today's code with its cache off (``akt.CACHE_BYTES = 0``): no clamp pass where no
-  score can reach the clamp, and a backward of two products with the gradient folded into the small
-  operands;
+- ``c1024``: 1,024-item chunks, one scan of the padded exclusion and then a mask of the compact
+  entries per chunk, the same backward (copied below);
+- ``recompute``: today's code with its cache off (``akt.CACHE_BYTES = 0``): the compact entries
+  sorted by chunk once, no clamp pass where no score can reach the clamp, and a backward of two
+  products with the gradient folded into the small operands;
 - ``now``: today's code: as ``recompute``, with the forward's e^s chunks kept for the backward.
 
 Shapes are a real step's: a batch of 1,024 train interactions of a prepared dataset, its distinct
@@ -45,6 +46,18 @@ def _scan_per_chunk(exclude, n_items, chunk):
     for c0 in range(0, n_items, chunk):
         rows, k = torch.nonzero((exclude >= c0) & (exclude < c0 + chunk), as_tuple=True)
         out.append((c0, (rows, exclude[rows, k] - c0)))
+    return out
+
+
+def _scan_masks(exclude, n_items, chunk):
+    """The exclusion as found by the 1,024-item-chunk code: one scan, then a mask of the entries per chunk."""
+    rows, k = torch.nonzero(exclude >= 0, as_tuple=True)
+    items = exclude[rows, k]
+    which = torch.div(items, chunk, rounding_mode="floor")
+    out = []
+    for c0 in range(0, n_items, chunk):
+        mine = which == c0 // chunk
+        out.append((c0, (rows[mine], items[mine] - c0)))
     return out
 
 
@@ -86,7 +99,7 @@ def _call(name, u, w, exclude):
     if name == "before":
         return _Earlier.apply(u, w, exclude, 40.0, 4096, _scan_per_chunk)
     if name == "c1024":
-        return _Earlier.apply(u, w, exclude, 40.0, 1024, akt._excluded_by_chunk)
+        return _Earlier.apply(u, w, exclude, 40.0, 1024, _scan_masks)
     cache = akt.CACHE_BYTES
     akt.CACHE_BYTES = 0 if name == "recompute" else cache
     try:

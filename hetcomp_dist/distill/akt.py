@@ -103,16 +103,18 @@ def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
     """[(chunk start, (rows, columns within the chunk))] of the excluded entries.
 
     One pass over the padded [B, L] (mostly padding: L is the batch's longest train list), then one
-    per chunk over the compact entries only.
+    stable sort of the compact entries by chunk, split into consecutive runs (a mask per chunk would
+    scan every entry once per chunk).
     """
     rows, k = torch.nonzero(exclude >= 0, as_tuple=True)
     items = exclude[rows, k]
-    which = torch.div(items, chunk, rounding_mode="floor")
-    out = []
-    for c0 in range(0, n_items, chunk):
-        mine = which == c0 // chunk
-        out.append((c0, (rows[mine], items[mine] - c0)))
-    return out
+    n_chunks = (n_items + chunk - 1) // chunk
+    # the narrowest type that holds a chunk number: torch's stable sort is several times faster on it
+    which = torch.div(items, chunk, rounding_mode="floor").to(torch.int16 if n_chunks < 1 << 15 else torch.int32)
+    order = torch.sort(which, stable=True).indices
+    counts = torch.bincount(which.long(), minlength=n_chunks).tolist()
+    rows, items = rows[order].split(counts), items[order].split(counts)
+    return [(c * chunk, (rows[c], items[c] - c * chunk)) for c in range(n_chunks)]
 
 
 def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclude: torch.Tensor, clamp: float,
