@@ -1,7 +1,7 @@
-"""A week of nightly refreshes as Ray jobs on a real Ray head: `ray job submit ... -- python jobs/nightly_refresh.py`.
+"""Four nightly refreshes as Ray jobs on a real Ray head: `ray job submit ... -- python jobs/nightly_refresh.py`.
 
-MovieLens-100K split by time into 8 files (tests/test_refresh_integration.py's ``timeline``): v0001 is refreshed
-in this process from the first (no Ray: a production student to warm-start from); each of the 7 others is one
+MovieLens-100K split by time into 5 files (tests/test_refresh_integration.py's ``timeline``): v0001 is refreshed
+in this process from the first (no Ray: a production student to warm-start from); each of the 4 others is one
 night, submitted as a Ray job to the head of tests/test_teachers_ray.py (`ray start --head --block` on loopback,
 2 CPUs, its own temp dir and HOME, stopped by signalling its own process). Every night: the job's status and
 exit code, report.json's decision, where ``current`` points, a promotion history that grows only on promotion,
@@ -10,12 +10,12 @@ night also shows the warm-started student resumed on every rank and, with a 6 s 
 and student steps each take longer, that the driver kept renewing the lease while actors and workers ran (the
 promotion checks it).
 
-Night 5 (v0006) is a degraded candidate (from scratch with a vanishing learning rate and a strict gate, as in
+Night 2 (v0003) is a degraded candidate (from scratch with a vanishing learning rate and a strict gate, as in
 test_degraded_candidate_and_failed_teacher): the gate refuses it, the job fails with the documented exit
-status 1, ``current`` stays at v0005 and the report gives the reasons. Night 6 warm-starts from v0005, still
-production, and promotes. At the end `hetcomp rollback` moves ``current`` from v0008 back to v0007, whose export
-manifest is byte-identical to what ``current`` led to while v0007 was production, and `hetcomp recommend`
-reads v0007. Integration tier: one Ray head, seven jobs, the FAST settings of the CLI week.
+status 1, ``current`` stays at v0002 and the report gives the reasons. Night 3 warm-starts from v0002, still
+production, and promotes; night 4 promotes. At the end `hetcomp rollback` moves ``current`` from v0005 back to
+v0004, whose export manifest is byte-identical to what ``current`` led to while v0004 was production, and
+`hetcomp recommend` reads v0004. Integration tier: one Ray head, four jobs, the FAST settings of the CLI week.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from test_teachers_ray import ray_head  # noqa: F401  (the Ray head fixture)
 pytestmark = pytest.mark.integration
 TTL_S = 6
 RAY = ["distill.workers=2", "distill.cpus_per_worker=0.5", f"refresh.lease_ttl_s={TTL_S}"]
-NIGHTS = 7
-DEGRADED = 5        # days[5] -> v0006: learns nothing, refused by the gate
+NIGHTS = 4
+DEGRADED = 2        # days[2] -> v0003: learns nothing, refused by the gate
 BAD = ["refresh.warm_start=false", "distill.lr=0.000000000001", "refresh.gate.tolerance=0.05"]
 CONFIG = "configs/refresh_tiny.yaml"
 
@@ -60,8 +60,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "hetcomp"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_a_week_of_nightly_refresh_jobs(ray_head: dict[str, Any], datasets_dir: Path,  # noqa: F811
-                                        tmp_path: Path) -> None:
+def test_nightly_refresh_jobs(ray_head: dict[str, Any], datasets_dir: Path,  # noqa: F811
+                              tmp_path: Path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head["dashboard"])
@@ -124,16 +124,18 @@ def test_a_week_of_nightly_refresh_jobs(ray_head: dict[str, Any], datasets_dir: 
             assert production == f"v{DEGRADED:04d}" and student["status"] == f"warm-started from {production}"
     promoted = [h["version"] for h in promote.history(layout)]
     assert promoted == [f"v{n:04d}" for n in range(1, NIGHTS + 2) if n != DEGRADED + 1]
-    # Rollback (the CLI): current goes back to v0007, exactly the export it led to while v0007 was production.
+    # Rollback (the CLI): current goes back to the night before the last, exactly the export it led to while
+    # that version was production.
+    last, back = f"v{NIGHTS + 1:04d}", f"v{NIGHTS:04d}"
     out = _cli("rollback", "--config", str(REPO / CONFIG), "--set", f"run={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "current -> v0007 (rollback from v0008" in out.stdout, out.stdout
+    assert f"current -> {back} (rollback from {last}" in out.stdout, out.stdout
     pointer = promote.read_current(layout)
-    assert (pointer["version"], pointer["action"], pointer["previous"]["version"]) == ("v0007", "rollback", "v0008")
-    assert current_bytes(layout) == manifests["v0007"] == current_bytes_of(layout, "v0007")
-    assert [h["version"] for h in promote.history(layout)] == [*promoted, "v0007"]
-    user = Path(days[NIGHTS - 1]).read_text().splitlines()[1].split(",")[0]     # a user of v0007's data
+    assert (pointer["version"], pointer["action"], pointer["previous"]["version"]) == (back, "rollback", last)
+    assert current_bytes(layout) == manifests[back] == current_bytes_of(layout, back)
+    assert [h["version"] for h in promote.history(layout)] == [*promoted, back]
+    user = Path(days[NIGHTS - 1]).read_text().splitlines()[1].split(",")[0]     # a user of that version's data
     out = _cli("recommend", "--run", run, "--user", user, "--k", "5", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     recs = json.loads(out.stdout)
-    assert recs["version"] == "v0007" and len(recs["items"]) == 5
+    assert recs["version"] == back and len(recs["items"]) == 5
