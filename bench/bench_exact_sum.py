@@ -128,7 +128,6 @@ def main() -> None:
     users_of = np.repeat(np.arange(train.n_users), train.counts())
     users = np.unique(users_of[rng.permutation(len(users_of))[:1024]])
     observed = torch.from_numpy(train.padded(users))
-    variants = VARIANTS
     rows = []
     for n_items in [f * train.n_items for f in args.widen]:
         g = torch.Generator().manual_seed(0)
@@ -136,9 +135,9 @@ def main() -> None:
         exclude = torch.cat([observed, targets], 1)
         u0 = 0.3 * torch.randn(len(users), args.dim, generator=g)
         w0 = 0.3 * torch.randn(n_items, args.dim, generator=g)
-        times = {name: [] for name in variants}
+        times = {name: [] for name in VARIANTS}
         for _ in range(args.reps + 2):
-            for name in variants:
+            for name in VARIANTS:
                 times[name].append(step(name, u0, w0, exclude))
         med = {name: 1000 * statistics.median(v[2:]) for name, v in times.items()}
         rows.append((n_items, len(users), exclude.shape[1], med))
@@ -146,10 +145,10 @@ def main() -> None:
     base = "before"
     lines = [f"# exact denominator, forward + backward, median ms per call of {args.reps} (1 thread, dim {args.dim})",
              f"# {args.dataset}: B distinct users of 1,024 train interactions; {load_average()}", "",
-             "| n_items | B | exclusion width | " + " | ".join(variants) + " | now / before | now / c1024 |",
-             "|---:|---:|---:|" + "---:|" * (len(variants) + 2)]
+             "| n_items | B | exclusion width | " + " | ".join(VARIANTS) + " | now / before | now / c1024 |",
+             "|---:|---:|---:|" + "---:|" * (len(VARIANTS) + 2)]
     for n_items, b, width, med in rows:
-        lines.append(f"| {n_items:,} | {b} | {width} | " + " | ".join(f"{med[k]:.1f}" for k in variants)
+        lines.append(f"| {n_items:,} | {b} | {width} | " + " | ".join(f"{med[k]:.1f}" for k in VARIANTS)
                      + f" | {med['now'] / med[base]:.2f} | {med['now'] / med['c1024']:.2f} |")
     OUT.mkdir(exist_ok=True)
     (OUT / "exact_sum.txt").write_text("\n".join(lines) + "\n")
@@ -158,7 +157,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in variants:
+    for name in VARIANTS:
         ax.plot([r[0] for r in rows], [r[3][name] for r in rows], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="items", ylabel="ms per call (forward + backward)",
            title="exact softmax denominator, one batch")

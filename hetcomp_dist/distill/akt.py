@@ -63,11 +63,7 @@ class _ExcludedExpSum(torch.autograd.Function):
         total = user_emb.new_zeros(user_emb.shape[0])
         kept = []
         for c0, (rows, cols) in hits:
-            e = user_emb @ item_t[:, c0:c0 + chunk]
-            if not free:
-                e.clamp_(-clamp, clamp)
-            e.exp_()
-            e[rows, cols] = 0
+            e = _chunk_terms(user_emb, item_t[:, c0:c0 + chunk], rows, cols, clamp, free)
             total += e.sum(1)
             if keep:
                 kept.append(e)
@@ -83,20 +79,29 @@ class _ExcludedExpSum(torch.autograd.Function):
         scaled_t = (user_emb * grad_total[:, None]).T.contiguous()                  # d x B
         for k, (c0, (rows, cols)) in enumerate(ctx.hits):
             w_t = item_t[:, c0:c0 + ctx.chunk]
-            if ctx.kept:
-                e = ctx.kept[k]
-            else:
-                s = user_emb @ w_t
-                e = (s if ctx.free else s.clamp(-ctx.clamp, ctx.clamp)).exp_()
-                e[rows, cols] = 0
-                if not ctx.free:
-                    e.masked_fill_(s.abs() > ctx.clamp, 0)                      # clamp passes no gradient
+            e = ctx.kept[k] if ctx.kept else _chunk_terms(user_emb, w_t, rows, cols, ctx.clamp, ctx.free, grad=True)
             # d total_b / d u_b = sum_i e_bi w_i and d / d w_i = sum_b g_b e_bi u_b: g folded in afterwards
             # for the users and into u beforehand for the items, so e is only read, never rescaled
             grad_user_t.addmm_(w_t, e.T)
             grad_item[c0:c0 + ctx.chunk] = (scaled_t @ e).T
         ctx.kept = None
         return grad_user_t.T * grad_total[:, None], grad_item, None, None, None
+
+
+def _chunk_terms(user_emb: torch.Tensor, item_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 clamp: float, free: bool, grad: bool = False) -> torch.Tensor:
+    """e^{clamp(u @ item_t)} of one chunk (B x C) with the excluded entries (rows, cols) zeroed; ``free``: no
+    score reaches the clamp, so it is skipped. ``grad``: also zero where the clamp cut, as no gradient
+    passes there (the backward's terms)."""
+    s = user_emb @ item_t
+    cut = s.abs() > clamp if grad and not free else None
+    if not free:
+        s.clamp_(-clamp, clamp)
+    e = s.exp_()
+    e[rows, cols] = 0
+    if cut is not None:
+        e.masked_fill_(cut, 0)
+    return e
 
 
 def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
