@@ -1,6 +1,7 @@
 """The student's item table under the sampled denominator, in the real distillation: ``item_updates: dense``
-(its whole gradient all-reduced and every row stepped) against ``rows`` (the looked-up rows all-gathered
-and stepped by row-wise Adam), by catalogue size and workers.
+(every worker holds the whole table, its whole gradient all-reduced and every row stepped) against ``rows``
+(the table split by rows across workers, the looked-up rows fetched from their owners, their gradients
+summed back, each owner stepping its rows by row-wise Adam), by catalogue size and workers.
 
 Data: bench_scale.py's synthetic generator (power-law items, 10-20 train items per user, 6 teachers x 4
 snapshots x top-100) with ``--users`` users over each ``--items`` catalogue. Each run is the real
@@ -8,7 +9,8 @@ snapshots x top-100) with ``--users`` users over each ``--items`` catalogue. Eac
 (L_R on the final lists: the step of HetComp's L_R phase, without DKC's first check, which ranks every
 user against the whole catalogue and would dwarf the epoch at 1M items), batches of 1,024 users, ``sampled_negatives: 1000``, ``optimizer: rowwise_adam`` (so the user table costs the same
 on both sides), one epoch with its evaluation and checkpoint. Reported per run: the epoch's wall and CPU
-seconds (the training batches only: what the item updates change) and peak RSS per worker.
+seconds (the training batches only: what the item updates change), peak RSS per worker, and the student
+and optimizer state the largest worker holds during training (``rank_bytes``: tables, best copies, moments).
 
     nice -n 5 .venv/bin/python bench/bench_item_updates.py                      # 50k users; 100k and 1M items; W 1, 2
 
@@ -40,8 +42,9 @@ def run(data: dict, world: int, updates: str, root: Path) -> dict:
     """One distill() in ``world`` ranks (bench_scale's run); the worst rank's figures."""
     row = bench_scale.run_config(data, world, "rowwise_adam", root, float("inf"), label=f"items-{updates}",
                                  extra={"method": "final_ensemble", "item_updates": updates})
+    held = max(r["student"] + r["optimizer"] for r in row["rank_bytes"]) / 2 ** 20
     return {"world": world, "updates": updates, "epoch_s": row["epoch_seconds"], "epoch_cpu": row["epoch_cpu"],
-            "peak_mb": row["peak_rss_mb"]}
+            "peak_mb": row["peak_rss_mb"], "held_mb": held}
 
 
 def main() -> None:
@@ -67,6 +70,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{n_items:>9,} items  W={world}  {updates:5s}  epoch {row['epoch_s']:6.1f} s "
                       f"(cpu {row['epoch_cpu']:6.1f} s)  peak {row['peak_mb']:5.0f} MB/worker  "
+                      f"student+optimizer {row['held_mb']:5.1f} MB/worker  "
                       f"[{time.perf_counter() - t0:.0f} s; {load_average()}]", flush=True)
         shutil.rmtree(root, ignore_errors=True)
     write(rows, args)
@@ -79,9 +83,10 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         d, s = by[(n_items, world, "dense")], by[(n_items, world, "rows")]
         table.append([f"{n_items:,}", world, f"{d['epoch_s']:.1f}", f"{s['epoch_s']:.1f}",
                       f"{d['epoch_cpu']:.1f}", f"{s['epoch_cpu']:.1f}", f"{s['epoch_cpu'] / d['epoch_cpu']:.2f}",
-                      f"{d['peak_mb']:.0f}", f"{s['peak_mb']:.0f}"])
+                      f"{d['peak_mb']:.0f}", f"{s['peak_mb']:.0f}", f"{d['held_mb']:.1f}", f"{s['held_mb']:.1f}"])
     head = ["items", "W", "dense epoch s", "rows epoch s", "dense epoch CPU s", "rows epoch CPU s",
-            "rows / dense (CPU)", "dense peak MB/worker", "rows peak MB/worker"]
+            "rows / dense (CPU)", "dense peak MB/worker", "rows peak MB/worker",
+            "dense student+optimizer MB/worker", "rows student+optimizer MB/worker"]
     command = "bench/bench_item_updates.py " + " ".join(sys.argv[1:])
     text = [f"# The item table under the sampled denominator: item_updates dense vs rows ({args.users:,} users)",
             "", f"    $ {command}", "", markdown_table(head, table), ""]

@@ -16,8 +16,9 @@ gradient. ``--table item`` measures the item table instead (``--users`` is then 
 sampled denominator, where each rank looks up ``--negatives`` sampled items and ``--targets`` items per
 user of its share of the batch: ``hand`` is distill/train.py's default (``item_updates: dense``: the table
 replicated, its dense gradient all-reduced, then the looked-up rows updated), ``rows`` its
-``item_updates: rows`` (the table replicated, only the looked-up rows and their gradients exchanged, with
-the loop's own ``distributed.sum_sparse_grad``), ``dmp`` the table sharded row-wise. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
+``item_updates: rows`` (the table split by rows, each step's looked-up rows fetched from their owners and
+their gradients summed back to them, with the loop's own ``Student.step_items``/``owned_item_grad``),
+``dmp`` the table sharded row-wise under DMP. The dimension defaults to 8: fbgemm's fused kernel refuses a table whose
 columns are not a multiple of 4, so the reference student (dim 6) cannot take this path at all. Reported per variant, per world size and users: median ms per step after
 warm-up, peak RSS per rank, and the user-table bytes each rank holds.
 
@@ -84,8 +85,8 @@ def _sampled_items(items: int, batch: int, world: int, rank: int, negatives: int
 
 
 def _replicated_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
-                      item_ids: Any, sparse: bool = False) -> dict:
-    """The replicated item table: ``hand`` (dense gradient all-reduced) or, with ``sparse``, ``rows``."""
+                      item_ids: Any) -> dict:
+    """``hand``: the whole item table on every rank, its dense gradient all-reduced."""
     from hetcomp_dist import distributed
 
     weight = (torch.randn(items, dim) * 0.01).requires_grad_()
@@ -97,16 +98,36 @@ def _replicated_items(items: int, dim: int, batch: int, steps: int, warmup: int,
         g = torch.randn(len(ids), dim, generator=gen)
         t0 = _now()
         weight.grad = None
-        (torch.nn.functional.embedding(ids, weight, sparse=sparse) * g).sum().backward()
+        (torch.nn.functional.embedding(ids, weight) * g).sum().backward()
         with torch.no_grad():
-            if sparse:                                # the rows any rank looked up, summed: the same on every rank
-                distributed.sum_sparse_grad(weight)
-                rows, grad = weight.grad.indices()[0], weight.grad.values()
-            else:
-                distributed.all_reduce_grad(weight)   # the distillation's item table: every rank's sum
-                rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
-                grad = weight.grad[rows]
-            _adagrad_rows(weight, state, rows, grad)
+            distributed.all_reduce_grad(weight)   # the distillation's item table: every rank's sum
+            rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
+            _adagrad_rows(weight, state, rows, weight.grad[rows])
+        if step >= warmup:
+            times.append(_now() - t0)
+    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+
+def _split_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
+                 item_ids: Any) -> dict:
+    """``rows``: the loop's item table split by rows (distill/student.py), each rank stepping its own rows."""
+    from hetcomp_dist.distill.student import Student, item_range
+
+    student = Student(1, items, dim, items=item_range(items, rank, world))
+    weight = student.tables.weight("item")
+    state = torch.zeros(weight.shape[0])
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(warmup + steps):
+        ids = item_ids(gen)
+        g = torch.randn(len(ids), dim, generator=gen)
+        t0 = _now()
+        looked = student.step_items(ids)                  # the union's rows, from their owners
+        (looked.weight[looked.index(ids)] * g).sum().backward()
+        student.owned_item_grad()                         # summed over ranks, this rank's rows only
+        with torch.no_grad():
+            grad = weight.grad.coalesce()
+            _adagrad_rows(weight, state, grad.indices()[0], grad.values())
         if step >= warmup:
             times.append(_now() - t0)
     return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
@@ -173,7 +194,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         if args["variant"] == "dmp":
             result = _dmp(*sizes, ids)
         else:
-            result = _replicated_items(*sizes, ids, sparse=args["variant"] == "rows")
+            result = (_split_items if args["variant"] == "rows" else _replicated_items)(*sizes, ids)
     dist.barrier()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(json.dumps(result))

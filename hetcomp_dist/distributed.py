@@ -44,36 +44,41 @@ def all_reduce_grad(weight: torch.Tensor) -> None:
         dist.all_reduce(weight.grad)
 
 
-def sum_sparse_grad(weight: torch.Tensor) -> None:
-    """Replace ``weight.grad`` (sparse, the rows this rank looked up; None: none) by the coalesced sum over
-    ranks, the same on every rank: each rank's (row, gradient) pairs are all-gathered, so a step exchanges
-    O(rows looked up x ranks) values and no rank builds a buffer of the table's size."""
-    grad = weight.grad
-    if grad is None:
-        grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=weight.device),
-                                       weight.new_zeros(0, weight.shape[1]), weight.shape)
-    grad = grad.coalesce()
+def union_over_ranks(ids: torch.Tensor) -> torch.Tensor:
+    """The sorted distinct ids (int64, 1-D) that any rank passed, the same on every rank, on ``ids``' device."""
+    mine = torch.unique(ids)
     if not is_distributed():
-        weight.grad = grad
-        return
+        return mine
     dev, world = comm_device(), dist.get_world_size()
-    rows, values = grad.indices()[0].to(dev), grad.values().to(dev)
     counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([len(rows)], device=dev))
+    dist.all_gather(counts, torch.tensor([len(mine)], device=dev))
     size = int(max(c.item() for c in counts))
-    padded_rows = torch.zeros(size, dtype=torch.long, device=dev)
-    padded_rows[:len(rows)] = rows
-    padded_values = values.new_zeros(size, weight.shape[1])
-    padded_values[:len(rows)] = values
-    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    all_values = [torch.empty_like(padded_values) for _ in range(world)]
-    dist.all_gather(all_rows, padded_rows)
-    dist.all_gather(all_values, padded_values)
-    n = [int(c.item()) for c in counts]
-    rows = torch.cat([r[:k] for r, k in zip(all_rows, n)]).to(weight.device)
-    values = torch.cat([v[:k] for v, k in zip(all_values, n)]).to(weight.device)
-    # the rows come from lookups into this table: within bounds, so the invariant checks are skipped
-    weight.grad = torch.sparse_coo_tensor(rows[None], values, weight.shape, check_invariants=False).coalesce()
+    padded = torch.full((size,), -1, dtype=torch.long, device=dev)
+    padded[:len(mine)] = mine.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    every = torch.cat(parts)
+    return torch.unique(every[every >= 0]).to(ids.device)
+
+
+def owned_rows(shard: torch.Tensor, first: int, ids: torch.Tensor) -> torch.Tensor:
+    """The rows ``ids`` (global, sorted, the same on every rank) of a table split by rows, every rank holding
+    ``shard`` = rows [first, first + len(shard)): each owner fills its rows, and a SUM all-reduce of zeros
+    and owned values gives every rank the exact rows, O(len(ids)) values however large the table."""
+    mine = (ids >= first) & (ids < first + shard.shape[0])
+    rows = shard.new_zeros(len(ids), shard.shape[1])
+    rows[mine] = shard[ids[mine] - first]
+    return sum_rows(rows)
+
+
+def sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` summed over ranks (SUM all-reduce), on ``rows``' device; one process: ``rows`` itself."""
+    if not is_distributed():
+        return rows
+    out = rows.to(comm_device())
+    out = out.clone() if out is rows else out
+    dist.all_reduce(out)
+    return out.to(rows.device)
 
 
 def gather_cat(local: torch.Tensor) -> torch.Tensor:

@@ -136,8 +136,11 @@ class Checkpointer:
     # tensors whose first dimension is the rank's rows [start, stop); ``shared`` (rank 0) the rest.
 
     def save_shards(self, epoch: int, shared: dict[str, Any], local: dict[str, Any], rows: tuple[int, int],
-                    rank: int, world: int) -> None:
-        """Every rank calls it: its part, then (rank 0, once all parts are written) the manifest."""
+                    rank: int, world: int, items: tuple[dict[str, Any], tuple[int, int]] | None = None) -> None:
+        """Every rank calls it: its part, then (rank 0, once all parts are written) the manifest.
+
+        ``items``: (state, its item rows [first, stop)) of a table split by item rows, a second part per
+        rank, re-split by item rows on load as ``local`` is by user rows."""
         import torch.distributed as dist
 
         uri = self._uri(epoch)
@@ -149,17 +152,23 @@ class Checkpointer:
             dist.barrier()
         name = f"rank-{rank:05d}-of-{world:05d}.pt"
         entries = {name: self._write(uri, name, local)}
+        item_part = None
+        if items is not None:
+            item_part = [f"items-{name}", list(items[1])]
+            entries[item_part[0]] = self._write(uri, item_part[0], items[0])
         if rank == 0:
             entries["shared.pt"] = self._write(uri, "shared.pt", shared)
-        shards = [(name, list(rows), entries)]
+        shards = [(name, list(rows), entries, item_part)]
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, shards[0])        # names, row ranges and hashes only
             shards = gathered
         if rank == 0:
-            parts = {n: e for _, _, entry in shards for n, e in entry.items()}
-            storage.commit_manifest(uri, self.kind, parts, {"epoch": epoch, **self.config},
-                                    {"shards": [{"part": n, "rows": r} for n, r, _ in shards]})
+            parts = {n: e for _, _, entry, _ in shards for n, e in entry.items()}
+            extra: dict[str, Any] = {"shards": [{"part": n, "rows": r} for n, r, _, _ in shards]}
+            if items is not None:
+                extra["item_shards"] = [{"part": i[0], "rows": i[1]} for _, _, _, i in shards]
+            storage.commit_manifest(uri, self.kind, parts, {"epoch": epoch, **self.config}, extra)
             self._drop_old(epoch)
         if world > 1:
             dist.barrier()
@@ -177,10 +186,12 @@ class Checkpointer:
         for stale in (e for e in self.epochs() if e > epoch):
             storage.remove(self._uri(stale))
 
-    def load_shards(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]] | dict[str, Any] | None:
+    def load_shards(self, start: int, stop: int, items: tuple[int, int] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]] | dict[str, Any] | None:
         """(shared, this rank's rows [start, stop) assembled from whichever shards hold them) from the
         newest complete compatible checkpoint; a checkpoint written whole (``state.pt``) is returned as
-        it is; None if there is none."""
+        it is; None if there is none. With ``items`` and a checkpoint of a split item table, the local
+        state's ``"items"`` holds the item rows [first, stop), assembled the same way."""
         for epoch in reversed(self.epochs()):
             uri = self._uri(epoch)
             if not storage.is_complete(uri):
@@ -191,20 +202,26 @@ class Checkpointer:
             try:
                 if "shards" not in manifest:
                     return torch.load(io.BytesIO(storage.read_bytes(uri, "state.pt", manifest)), weights_only=True)
-                return self._read_shards(uri, manifest, start, stop)
+                return self._read_shards(uri, manifest, start, stop, items)
             except (StorageError, RuntimeError, EOFError):       # damaged: fall back to the one before
                 continue
         return None
 
     @staticmethod
-    def _read_shards(uri: str, manifest: dict[str, Any], start: int, stop: int):
+    def _read_shards(uri: str, manifest: dict[str, Any], start: int, stop: int, items: tuple[int, int] | None):
         load = lambda name: torch.load(io.BytesIO(storage.read_bytes(uri, name, manifest)), weights_only=True)  # noqa: E731
-        pieces: dict[str, list[torch.Tensor]] = {}
-        for shard in manifest["shards"]:
-            a, b = shard["rows"]
-            if b <= start or a >= stop:
-                continue
-            for key, value in load(shard["part"]).items():
-                pieces.setdefault(key, []).append(value[max(start, a) - a:min(stop, b) - a])
-        local = {key: torch.cat(values) for key, values in pieces.items()}
+
+        def assemble(shards: list[dict[str, Any]], start: int, stop: int) -> dict[str, Any]:
+            pieces: dict[str, list[torch.Tensor]] = {}
+            for shard in shards:
+                a, b = shard["rows"]
+                if b <= start or a >= stop:
+                    continue
+                for key, value in load(shard["part"]).items():
+                    pieces.setdefault(key, []).append(value[max(start, a) - a:min(stop, b) - a])
+            return {key: torch.cat(values) for key, values in pieces.items()}
+
+        local = assemble(manifest["shards"], start, stop)
+        if items is not None and "item_shards" in manifest:
+            local["items"] = assemble(manifest["item_shards"], *items)
         return load("shared.pt"), local

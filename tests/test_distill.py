@@ -353,8 +353,9 @@ def test_refresh_warm_start_resumes_under_rowwise_adam(run, tmp_path):
 
 
 def test_item_rows_give_the_dense_gradient_on_the_rows_looked_up(run):
-    """item_updates=rows: under the sampled denominator the loss looks item rows up with a sparse gradient,
-    equal to the dense gradient on those rows (zero elsewhere), and far fewer rows than the catalogue."""
+    """item_updates=rows: under the sampled denominator a step looks item rows up through Student.step_items
+    and hands their gradient back as a sparse one, equal to the dense gradient on those rows (zero
+    elsewhere), and far fewer rows than the catalogue."""
     from hetcomp_dist.distill.objectives import KDObjective, epoch_batches
     from hetcomp_dist.distill.student import build_student
     from hetcomp_dist.teachers.trajectory import TrajectoryReader
@@ -362,16 +363,17 @@ def test_item_rows_give_the_dense_gradient_on_the_rows_looked_up(run):
     ds_uri, uris, _ = run
     cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "sampled_negatives": 5, "batch_size": 8})
     data = load_dataset(ds_uri)
-    torch.manual_seed(0)
-    student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, 0, data.n_users)
-    objective = KDObjective(cfg, data, student, TrajectoryReader(uris), 0, data.n_users, 0)
-    objective.start_epoch()
-    batch = next(iter(epoch_batches(np.random.default_rng(1), objective.n_units, objective.unit_range, 8)))
-    weight, grads = student.tables.weight("item"), []
-    for sparse in (False, True):
-        student.sparse_item_grad, weight.grad = sparse, None
+    grads = []
+    for items in (None, (0, data.n_items)):          # the whole table; the same rows held as a split table
+        torch.manual_seed(0)
+        student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, 0, data.n_users, items=items)
+        objective = KDObjective(cfg, data, student, TrajectoryReader(uris), 0, data.n_users, 0)
+        objective.start_epoch()
+        batch = next(iter(epoch_batches(np.random.default_rng(1), objective.n_units, objective.unit_range, 8)))
         objective.loss(batch, np.random.default_rng(2)).backward()   # the same rng: the same samples
-        grads.append(weight.grad)
+        if items is not None:
+            student.owned_item_grad()
+        grads.append(student.tables.weight("item").grad)
     dense, rows = grads[0], grads[1].coalesce()
     assert not dense.is_sparse and rows.is_sparse
     torch.testing.assert_close(rows.to_dense(), dense, rtol=1e-5, atol=1e-8)
@@ -380,7 +382,7 @@ def test_item_rows_give_the_dense_gradient_on_the_rows_looked_up(run):
     assert len(looked_up) < data.n_items
 
 
-def test_item_rows_distil_and_keep_their_state_in_the_shared_part(run, tmp_path):
+def test_item_rows_distil_and_keep_their_state_in_an_item_part(run, tmp_path):
     ds_uri, uris, _ = run
     cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 10, "sampled_negatives": 30,
                            "item_updates": "rows"})
@@ -397,9 +399,15 @@ def test_item_rows_distil_and_keep_their_state_in_the_shared_part(run, tmp_path)
     with pytest.raises(_Crash):
         distill(ds_uri, uris, cfg, str(tmp_path / "ckpt"), ks=(10,), report=stop_at_10)
     uri = storage.join(str(tmp_path / "ckpt"), "checkpoints", "epoch-000010")
+    manifest = storage.read_manifest(uri)
+    assert manifest["item_shards"] == [{"part": "items-rank-00000-of-00001.pt", "rows": [0, N_ITEMS]}]
+    items = torch.load(io.BytesIO(storage.read_bytes(uri, "items-rank-00000-of-00001.pt")), weights_only=True)
+    assert items["row_exp_avg"].shape == (N_ITEMS, 8) and items["row_step"].max() > 0
     shared = torch.load(io.BytesIO(storage.read_bytes(uri, "shared.pt")), weights_only=True)
-    assert shared["item_rows"]["exp_avg"].shape == (N_ITEMS, 8) and shared["item_rows"]["step"].max() > 0
-    assert list(shared["optimizer"]["state"]) == [0]          # the dense Adam: the user table alone
+    assert "item" not in shared and list(shared["optimizer"]["state"]) == [0]   # the dense Adam: users alone
+    resumed = distill(ds_uri, uris, DistillConfig(**{**cfg.__dict__, "max_epochs": 20}), str(tmp_path / "ckpt"),
+                      ks=(10,))
+    assert resumed["resumed_from"] == [10]
 
 
 def test_item_rows_need_the_sampled_denominator():

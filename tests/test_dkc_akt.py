@@ -262,6 +262,21 @@ def test_sampled_sum_estimates_the_exact_sum():
     assert not np.allclose(small.numpy(), exact.numpy(), rtol=0.02)   # an estimate, not the sum
 
 
+def test_sampled_sum_from_some_rows_equals_it_from_the_whole_table():
+    """A split item table (distill/student.py) hands the sampled sum only the rows a step looked up, with
+    where each sample sits among them and the catalogue's size: the same value as from the whole table."""
+    scores, observed, p, t = _case(6, b=3, n=300)
+    u = torch.tensor(scores)
+    w = torch.randn(300, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 0.1
+    exclude = torch.cat([_pad_rows(observed), torch.from_numpy(t)], 1)
+    sample = torch.randint(300, (50,), generator=torch.Generator().manual_seed(3))
+    ids = torch.unique(torch.cat([sample, torch.tensor([7, 299])]))           # more rows than the samples
+    whole = akt.unobserved_exp_sum(u, w, exclude, 40.0, sample)
+    part = akt.unobserved_exp_sum(u, w[ids], exclude, 40.0, sample, sample_rows=torch.searchsorted(ids, sample),
+                                  n_items=300)
+    torch.testing.assert_close(part, whole, rtol=1e-12, atol=0)
+
+
 def test_observed_and_unobserved_never_compared():
     """Raising an observed item's score must not change the target items' terms."""
     scores, observed, p, t = _case(5, b=1)

@@ -95,6 +95,9 @@ def test_two_workers_then_one(run, tmp_path, optimizer):  # noqa: F811
     assert _two_ranks(_config(optimizer), ds, uris, out, 10, tmp_path / "r.json") == [3, 3]
     shards = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "epoch-000010").glob("rank-*"))
     assert shards == ["rank-00000-of-00002.pt", "rank-00001-of-00002.pt"]          # nothing gathered
+    if optimizer == "item_rows":                                   # the item table split by rows too
+        items = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "epoch-000010").glob("items-*"))
+        assert items == ["items-rank-00000-of-00002.pt", "items-rank-00001-of-00002.pt"]
     resumed = distill(ds, uris, _config(optimizer), out, ks=(10, 20))
     straight = distill(ds, uris, _config(optimizer), str(tmp_path / "straight"), ks=(10, 20))
     assert resumed["resumed_from"] == [10] and resumed["workers"] == 1

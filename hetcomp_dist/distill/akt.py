@@ -18,24 +18,14 @@ over unobserved items only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 CLAMP = 1e-5          # denominators are clamped here before the log
 
 
-def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.Tensor, clamp: float,
-                sparse: bool = False) -> torch.Tensor:
-    """Clamped scores of each user's listed items: float [B, L] (padding positions score 0).
-
-    ``sparse``: the item table's gradient is a sparse tensor of the listed rows only (padding looks
-    nothing up), for ``distill.item_updates: rows``.
-    """
+def list_scores(user_emb: torch.Tensor, item_weight: torch.Tensor, lists: torch.Tensor, clamp: float) -> torch.Tensor:
+    """Clamped scores of each user's listed items (rows of ``item_weight``): float [B, L] (padding positions score 0)."""
     valid = lists >= 0
-    if sparse:
-        items = user_emb.new_zeros(*lists.shape, item_weight.shape[1])
-        items[valid] = F.embedding(lists[valid], item_weight, sparse=True)
-    else:
-        items = item_weight[torch.where(valid, lists, 0)]                      # [B, L, d]
+    items = item_weight[torch.where(valid, lists, 0)]                          # [B, L, d]
     return torch.einsum("bd,bld->bl", user_emb, items).clamp(-clamp, clamp) * valid
 
 
@@ -123,7 +113,8 @@ def _excluded_by_chunk(exclude: torch.Tensor, n_items: int, chunk: int):
 
 
 def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclude: torch.Tensor, clamp: float,
-                       sample: torch.Tensor | None = None, chunk: int = 1024, sparse: bool = False) -> torch.Tensor:
+                       sample: torch.Tensor | None = None, chunk: int = 1024,
+                       sample_rows: torch.Tensor | None = None, n_items: int | None = None) -> torch.Tensor:
     """rest_u = sum over items i not in ``exclude[u]`` of e^{clamp(s_ui)}: float [B], differentiable.
 
     Args:
@@ -132,13 +123,14 @@ def unobserved_exp_sum(user_emb: torch.Tensor, item_weight: torch.Tensor, exclud
         sample: None for the exact sum; m uniform item ids (int64 [m], shared by the batch, on any
             device) estimate it as (n_items - |exclude_u|) times the mean of e^{s} over the samples
             not excluded for u: uniform proposal, so the log-Q correction is that one factor.
-        sparse: with ``sample``, the item table's gradient is a sparse tensor of the sampled rows only.
+        sample_rows, n_items: with ``sample``, when ``item_weight`` holds only some items' rows (a split
+            item table, distill/student.py): the samples' rows in it and the catalogue's size.
     """
     if sample is None:
         return _ExcludedExpSum.apply(user_emb, item_weight, exclude, clamp, chunk)
-    n_items = item_weight.shape[0]
+    n_items = item_weight.shape[0] if n_items is None else n_items
     sample = sample.to(item_weight.device)
-    rows = F.embedding(sample, item_weight, sparse=sparse)                     # [m, d]
+    rows = item_weight[sample if sample_rows is None else sample_rows.to(item_weight.device)]   # [m, d]
     e = (user_emb @ rows.T).clamp(-clamp, clamp).exp()                         # [B, m]
     ordered = torch.sort(torch.where(exclude >= 0, exclude, n_items), dim=1).values
     pos = torch.searchsorted(ordered, sample.expand(len(ordered), -1).contiguous()).clamp_max(ordered.shape[1] - 1)

@@ -43,9 +43,10 @@ class DistillConfig:
     ipw: float = 0.0                 # baseline, eta: weight target items' loss terms by count(i)^-eta (mean 1 per user)
     pop_penalty: float = 0.0         # baseline, beta: evaluate s_ui - beta * std_u(s) * pop(i) (post hoc, no retraining)
     sampled_negatives: int = 0       # 0: exact softmax over all unobserved items; n: n uniform samples, log-Q corrected
-    # dense: the item table's gradient is all-reduced whole and stepped by dense Adam (O(items) a step).
-    # rows (sampled_negatives > 0 only): only the item rows some rank looked up are exchanged (an all-gather of
-    # rows and their gradients) and stepped by row-wise Adam, the same on every rank (distill/optim.py)
+    # dense: every worker holds the whole item table; its gradient is all-reduced whole and stepped by dense
+    # Adam (O(items) a step). rows (sampled_negatives > 0 only): the item table is split by rows across workers;
+    # a step fetches the rows some rank looks up from their owners, sums their gradients back to them, and each
+    # owner steps its own rows by row-wise Adam (distill/student.py, distill/optim.py)
     item_updates: Literal["dense", "rows"] = "dense"
     seed: int = 0
     threads: int = 2

@@ -213,24 +213,27 @@ class KDObjective:
         return (distributed.sum_over_ranks(self.stage.double().sum(0)) / self.n_users).tolist()
 
     def loss(self, batch: Batch, rng: np.random.Generator) -> torch.Tensor:
-        items = self.student.tables.weight("item")
-        dev = items.device                    # the resident state stays on the CPU; the batch's part moves
+        dev = self.student.tables.weight("item").device    # the resident state stays on the CPU; the batch's part moves
         batch_users = self.train_users[batch.units] if self.units is None else self.units[batch.units]
         # drawn for the global batch, on every rank, from the epoch's rng: the same items whatever the
         # number of ranks, and a resumed epoch draws what the uninterrupted one did
-        sample = (torch.from_numpy(rng.integers(0, self.data.n_items, self.cfg.sampled_negatives))
+        sample = (torch.from_numpy(rng.integers(0, self.data.n_items, self.cfg.sampled_negatives)).to(dev)
                   if self.cfg.sampled_negatives else None)
-        if not len(batch_users):
-            return torch.zeros((), device=dev)
         users = np.unique(batch_users)
         local = torch.from_numpy(users.astype(np.int64)) - self.start
         p, t, cfg = self.observed[local].long().to(dev), self.targets[local].long().to(dev), self.cfg
+        # a split item table: the rows this step looks up, from their owners (every rank, every step)
+        needed = torch.cat([sample, p[p >= 0], t[t >= 0]]) if sample is not None else None
+        items = self.student.step_items(needed)
+        if not len(batch_users):
+            return torch.zeros((), device=dev)
         u_emb = self.student.user_rows(local.to(dev))
         exclude = torch.cat([torch.from_numpy(self.data.train.padded(users)).to(dev), t], 1)   # N_u \ T_u is the rest
-        sparse = self.student.sparse_item_grad
-        rest = akt.unobserved_exp_sum(u_emb, items, exclude, cfg.score_clamp, sample, sparse=sparse)
-        s_p = akt.list_scores(u_emb, items, p, cfg.score_clamp, sparse)
-        s_t = akt.list_scores(u_emb, items, t, cfg.score_clamp, sparse)
+        sample_rows = None if items.ids is None else items.index(sample)
+        rest = akt.unobserved_exp_sum(u_emb, items.weight, exclude, cfg.score_clamp, sample,
+                                      sample_rows=sample_rows, n_items=self.data.n_items)
+        s_p = akt.list_scores(u_emb, items.weight, items.index(p), cfg.score_clamp)
+        s_t = akt.list_scores(u_emb, items.weight, items.index(t), cfg.score_clamp)
         w = None if self.weights is None else self.weights[local].to(dev)
         if self.phase == "L_O":
             return cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()

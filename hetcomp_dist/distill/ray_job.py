@@ -6,7 +6,7 @@
 The driver prepares the dataset (if missing) and starts the trainer; each worker joins the process
 group that Ray Train made and calls :func:`hetcomp_dist.distill.train.distill`, which
 splits the users by contiguous ranges over the ranks (see its module docstring: user rows local to
-their owner, the item table replicated with its gradient all-reduced, evaluation sums all-reduced,
+their owner, the item table whole with its gradient all-reduced or split by rows, evaluation sums all-reduced,
 rank 0 writes). The driver reads the result from ``<out>/metrics.json``.
 
 Fault tolerance: the loop writes ``<out>/checkpoints/epoch-N`` (with a manifest) at every evaluation. If a

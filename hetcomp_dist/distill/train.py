@@ -8,17 +8,18 @@ processes in the default process group (Ray Train's TorchTrainer, see
 
 - it loads only those users' interactions (``load_dataset(uri, users=(start, stop))``, by Parquet row
   group; one process loads the whole dataset) and reads only their part of the trajectories;
-- its student holds those user rows and the whole item table (distill/student.py), drawn as one
-  process draws them, without the whole user table ever being built;
+- its student holds those user rows and the whole item table (``item_updates: rows``: its item rows)
+  (distill/student.py), drawn as one process draws them, without the whole user table ever being built;
 - every rank draws the same global batches (an RNG seeded by (seed, epoch)) and keeps its own part
   of each (:func:`~hetcomp_dist.distill.objectives.epoch_batches`);
 - the loss is a sum over users, so the item-table gradient is all-reduced with SUM before Adam's
   step: one W-process step equals one single-process step on the same global batch;
 - ``distill.optimizer``: ``adam`` steps both tables densely (every user row, every step);
   ``rowwise_adam`` steps only the user rows of the batch (distill/optim.py), the item table densely;
-- ``distill.item_updates: rows`` (sampled denominator only): the item rows each rank looked up are
-  all-gathered with their gradients instead of the whole table's gradient being all-reduced, and
-  row-wise Adam steps those rows, identically on every rank (the item table stays replicated);
+- ``distill.item_updates: rows`` (sampled denominator only): the item table is split by rows too
+  (:func:`~hetcomp_dist.distill.student.item_range`). Each step gathers the rows any rank looks up
+  from their owners, sums their gradients over ranks, and each owner steps its own rows with
+  row-wise Adam; evaluation assembles the whole table for its duration;
 - evaluation sums are all-reduced, so every rank takes the same stopping and DKC decisions;
 - after every evaluation every rank writes its own rows of a checkpoint (loop.Checkpointer under
   ``<out>/checkpoints``, nothing gathered); a restarted run resumes from it with any number of
@@ -42,8 +43,8 @@ from hetcomp_dist.distill import baselines, dissensus
 from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.distill.objectives import StoredListScorer, build_objective, epoch_batches
 from hetcomp_dist.distill.optim import RowwiseAdam
-from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_rows, optimizer_rows,
-                                          rows, user_range)
+from hetcomp_dist.distill.student import (ITEM_KEY, USER_KEY, Student, build_student, gather_rows, item_range,
+                                          optimizer_rows, rows, user_range)
 from hetcomp_dist.loop import Checkpointer, Stopping
 
 Report = Callable[[dict[str, Any]], None]
@@ -129,8 +130,10 @@ class _Run:
         if data.held_users != (self.start, self.stop):
             raise ValueError(f"rank {self.rank} of {self.world} owns users [{self.start}, {self.stop}), "
                              f"the dataset holds {list(data.held_users)}")
+        self.items = item_range(data.n_items, self.rank, self.world) if cfg.item_updates == "rows" else None
         # drawn on the CPU (the same start on every device), then moved before the optimizer exists
-        self.student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, self.start, self.stop).to(dev)
+        self.student = build_student(data.n_users, data.n_items, cfg.dim, cfg.init_std, self.start, self.stop,
+                                     items=self.items).to(dev)
         self.optimizer, self.rows = _optimizers(cfg, self.student)
         self.eval_users = data.eval_users()                       # the slice's own
         self.objective = build_objective(cfg, data, self.student, teacher_uris, self.start, self.stop, self.rank)
@@ -144,7 +147,8 @@ class _Run:
         if not self.cfg.checkpoint:
             return
         self.checkpoints = checkpoints
-        loaded = checkpoints.load_shards(self.start, self.stop) or _legacy_checkpoint(checkpoints.root, self.cfg)
+        loaded = (checkpoints.load_shards(self.start, self.stop, self.items)
+                  or _legacy_checkpoint(checkpoints.root, self.cfg))
         if loaded is None:
             return
         shared = self._load_shards(*loaded) if isinstance(loaded, tuple) else self._load_whole(loaded)
@@ -156,8 +160,9 @@ class _Run:
         report({"event": "resumed", "epoch": shared["epoch"]})
 
     def _load_shards(self, shared: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
-        self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: shared["item"]})
-        self.best_state = {USER_KEY: local["best_user"].to(self.device), ITEM_KEY: shared["best_item"].to(self.device)}
+        items = local.get("items") or self._item_slice(shared)
+        self.student.load_state_dict({USER_KEY: local["user"], ITEM_KEY: items["item"]})
+        self.best_state = {USER_KEY: local["best_user"].to(self.device), ITEM_KEY: items["best_item"].to(self.device)}
         optimizer = shared["optimizer"]      # CPU tensors: Adam's load_state_dict moves them to each param's device
         if "user" in self.rows:                   # rowwise_adam: the user rows' own state; the dense Adam the items'
             if self.optimizer is not None:
@@ -169,15 +174,23 @@ class _Run:
                                      "exp_avg_sq": local["exp_avg_sq"]}
             self.optimizer.load_state_dict(optimizer)
         if "item" in self.rows:
-            self.rows["item"].load_state_dict(shared["item_rows"])
+            self.rows["item"].load_state_dict({k: items[f"row_{k}"] for k in ("exp_avg", "exp_avg_sq", "step")})
         self.objective.load_state_dict({"stage": local["stage"], "last": local["last"]})
         return shared
 
+    def _item_slice(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """This rank's item state from a checkpoint's shared part (the whole table: written with dense item
+        updates, or with rows before the item table was split)."""
+        first, stop = self.items or (0, shared["item"].shape[0])
+        out = {"item": shared["item"][first:stop], "best_item": shared["best_item"][first:stop]}
+        for k, v in (shared.get("item_rows") or {}).items():
+            out[f"row_{k}"] = v[first:stop]
+        return out
     def _load_whole(self, state: dict[str, Any]) -> dict[str, Any]:
         start, stop = self.start, self.stop
-        self.student.load_state_dict(rows(state["student"], start, stop))
-        self.best_state = {k: v.to(self.device) for k, v in rows(state["best_state"], start, stop).items()}
-        _load_dense_state(optimizer_rows(state["optimizer"], start, stop), self.optimizer, self.rows)
+        self.student.load_state_dict(rows(state["student"], start, stop, self.items))
+        self.best_state = {k: v.to(self.device) for k, v in rows(state["best_state"], start, stop, self.items).items()}
+        _load_dense_state(optimizer_rows(state["optimizer"], start, stop, self.items), self.optimizer, self.rows)
         self.objective.load_state_dict({"stage": state["stage"][start:stop], "last": state["last"][start:stop]})
         return state
 
@@ -199,8 +212,8 @@ class _Run:
                     table.zero_grad()
                 if loss.requires_grad:
                     loss.backward()
-                if "item" in self.rows:                           # items: the sum of every rank's users
-                    distributed.sum_sparse_grad(item_weight)      # ... over the rows some rank looked up
+                if "item" in self.rows:                           # items: the sum of every rank's users, over
+                    self.student.owned_item_grad()                # ... the rows looked up, to their owners
                 else:
                     distributed.all_reduce_grad(item_weight)
                 if self.optimizer is not None:
@@ -216,7 +229,7 @@ class _Run:
     def evaluate(self, epoch: int, loss: float) -> dict[str, Any]:
         """Valid metrics, the DKC check, early stopping and the checkpoint; returns the event's additions."""
         self.student.eval()
-        with torch.no_grad(), self.stopping.timing("eval"):
+        with torch.no_grad(), self.stopping.timing("eval"), self.student.every_item():
             valid = distributed.evaluate(self.student.scores, self.data, "valid", self.ks, self.eval_users)
             self.objective.after_evaluation(epoch)
         stages = self.objective.info()
@@ -247,13 +260,17 @@ class _Run:
             local.update(exp_avg=user_moments.get("exp_avg"), exp_avg_sq=user_moments.get("exp_avg_sq"))
             optimizer["state"] = {**optimizer["state"], 0: {k: v for k, v in user_moments.items()
                                                            if k not in ("exp_avg", "exp_avg_sq")}}
-        shared = {"epoch": epoch, "item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY],
-                  "optimizer": optimizer, "history": self.history, "progress": self.progress,
+        shared = {"epoch": epoch, "optimizer": optimizer, "history": self.history, "progress": self.progress,
                   "stopping": self.stopping.state_dict(), "resumes": self.resumes}
-        if "item" in self.rows:                   # replicated: the same on every rank
-            shared["item_rows"] = self.rows["item"].state_dict()
+        items = {"item": self.student.state_dict()[ITEM_KEY], "best_item": self.best_state[ITEM_KEY]}
+        split = None
+        if "item" in self.rows:                   # split by item rows: each rank its own, with their Adam state
+            items.update({f"row_{k}": v for k, v in self.rows["item"].state_dict().items()})
+            split = (device.to_cpu(items), self.items)
+        else:
+            shared.update(items)
         self.checkpoints.save_shards(epoch, device.to_cpu(shared), device.to_cpu(local), (self.start, self.stop),
-                                     self.rank, self.world)
+                                     self.rank, self.world, items=split)
 
     def finish(self, out: str) -> dict[str, Any]:
         """Test the best state, write student.pt, metrics.json and the report (rank 0); returns the metrics."""
@@ -264,12 +281,12 @@ class _Run:
         if self.cfg.pop_penalty:
             pop = dissensus.popularity_percentile(self.data.train.item_counts())
             scorer = baselines.penalised_scorer(self.student.scores, pop, self.cfg.pop_penalty)
-        with torch.no_grad():
+        with torch.no_grad(), self.student.every_item():
             test = distributed.evaluate(scorer, self.data, "test", self.ks, self.eval_users)
             valid = distributed.evaluate(scorer, self.data, "valid", self.ks, self.eval_users)
             stages = self._trajectory_stages()
         metrics = self._metrics(test, valid, stages)
-        full = gather_rows(self.student.state_dict())     # the whole user table on rank 0 only, on the CPU
+        full = gather_rows(self.student.state_dict(), self.student.items_split)   # whole, on rank 0 only, on the CPU
         if full is not None:
             _write_outputs(out, self.cfg, full, metrics)
         return metrics
@@ -327,7 +344,7 @@ def _optimizers(cfg: DistillConfig, student: Student) -> tuple[torch.optim.Optim
     optimizer = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True) if dense else None
     for p in dense:
         p.grad = torch.zeros_like(p)
-    student.sparse_user_grad, student.sparse_item_grad = by_rows["user"], by_rows["item"]
+    student.sparse_user_grad = by_rows["user"]
     return optimizer, {t: RowwiseAdam(student.tables.weight(t), cfg.lr, weight_decay=cfg.weight_decay)
                        for t, on in by_rows.items() if on}
 
