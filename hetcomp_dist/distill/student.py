@@ -96,8 +96,9 @@ class Student(torch.nn.Module):
         first, stop = self.item_range
         mine = (ids >= first) & (ids < stop)
         weight = self.tables.weight("item")
+        # ids are sorted and distinct: the gradient is coalesced as built
         weight.grad = torch.sparse_coo_tensor((ids[mine] - first)[None], grad[mine], weight.shape,
-                                              check_invariants=False)
+                                              check_invariants=False, is_coalesced=True)
         self._step_rows = None
 
     def user_rows(self, rows: torch.Tensor) -> torch.Tensor:
