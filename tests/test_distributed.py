@@ -41,7 +41,7 @@ looked.mul(torch.arange(1.0, 3.0) * (rank + 1)).sum().backward()
 student.owned_item_grad()
 student_grad = student.tables.weight("item").grad.to_dense().tolist()
 with student.every_item():
-    whole = student.items().tolist()
+    whole = student.item_table().tolist()
 none = student.step_items(torch.zeros(0, dtype=torch.long))                # no rank looks anything up
 student.owned_item_grad()
 covered = np.zeros(5, dtype=bool)

@@ -56,3 +56,19 @@ def test_user_rows_is_the_table_lookup_with_an_optionally_sparse_gradient():
     student.user_rows(rows).sum().backward()
     grad = student.tables.weight("user").grad
     assert grad.is_sparse and torch.equal(grad.to_dense(), expected)
+
+
+def test_split_item_rows_are_the_whole_builds_rows_and_score_only_when_assembled():
+    """build_student's item rows [first, stop) hold the whole build's; a worker holding part of the item
+    table refuses to score until the table is assembled (every_item; one process holds it whole)."""
+    torch.manual_seed(5)
+    whole = build_student(20, 30, 4, 0.1, 0, 20)
+    torch.manual_seed(5)
+    part = build_student(20, 30, 4, 0.1, 0, 20, items=(10, 25))
+    assert torch.equal(part.state_dict()[ITEM_KEY], whole.state_dict()[ITEM_KEY][10:25])
+    assert torch.equal(part.state_dict()[USER_KEY], whole.state_dict()[USER_KEY])
+    with pytest.raises(RuntimeError, match="item rows \\[10, 25\\] of 30"):
+        part.scores(torch.tensor([0, 1]))
+    all_rows = build_student(20, 30, 4, 0.1, 0, 20, items=(0, 30))
+    with all_rows.every_item():
+        assert all_rows.scores(torch.tensor([0, 1])).shape == (2, 30)

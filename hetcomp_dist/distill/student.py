@@ -50,7 +50,7 @@ class Student(torch.nn.Module):
         self.whole_items: torch.Tensor | None = None
         self._step_rows: tuple[torch.Tensor, torch.Tensor] | None = None     # (ids, rows) of step_items
 
-    def items(self) -> torch.Tensor:
+    def item_table(self) -> torch.Tensor:
         """The whole item table (n_items x dim), for scoring."""
         if self.whole_items is not None:
             return self.whole_items
@@ -61,7 +61,7 @@ class Student(torch.nn.Module):
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Global user indices (B) -> B x n_items."""
-        return self.tables(user=users - self.first_user)["user"] @ self.items().T
+        return self.tables(user=users - self.first_user)["user"] @ self.item_table().T
 
     @contextmanager
     def every_item(self) -> Iterator[None]:
