@@ -410,6 +410,41 @@ def test_item_rows_distil_and_keep_their_state_in_an_item_part(run, tmp_path):
     assert resumed["resumed_from"] == [10]
 
 
+def test_item_rows_resume_a_checkpoint_from_before_the_split(run, tmp_path):
+    """A checkpoint written with item_updates=rows when every worker held the whole item table (the table,
+    its best copy and its row-wise state in shared.pt, no item parts) resumes as the split layout does."""
+    import shutil
+
+    ds_uri, uris, _ = run
+    cfg = DistillConfig(**{**_cfg("hetcomp").__dict__, "max_epochs": 10, "sampled_negatives": 30,
+                           "item_updates": "rows"})
+
+    def stop_at_10(event):
+        if event.get("epoch") == 10 and "valid" in event:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        distill(ds_uri, uris, cfg, str(tmp_path / "split"), ks=(10,), report=stop_at_10)
+    shutil.copytree(tmp_path / "split", tmp_path / "before")
+    uri = storage.join(str(tmp_path / "before"), "checkpoints", "epoch-000010")
+    load = lambda name: torch.load(io.BytesIO(storage.read_bytes(uri, name)), weights_only=True)  # noqa: E731
+    items, shared = load("items-rank-00000-of-00001.pt"), load("shared.pt")
+    shared.update(item=items["item"], best_item=items["best_item"],
+                  item_rows={k: items[f"row_{k}"] for k in ("exp_avg", "exp_avg_sq", "step")})
+    with storage.write_part(uri, "shared.pt") as f:
+        torch.save(shared, f)
+    storage.remove(storage.join(uri, "items-rank-00000-of-00001.pt"))
+    manifest = storage.read_manifest(uri)
+    del manifest["item_shards"], manifest["parts"]["items-rank-00000-of-00001.pt"]
+    manifest["parts"]["shared.pt"] = f.entry
+    (tmp_path / "before" / "checkpoints" / "epoch-000010" / storage.MANIFEST).write_text(json.dumps(manifest))
+    longer = DistillConfig(**{**cfg.__dict__, "max_epochs": 20})
+    before = distill(ds_uri, uris, longer, str(tmp_path / "before"), ks=(10,))
+    split = distill(ds_uri, uris, longer, str(tmp_path / "split"), ks=(10,))
+    assert before["resumed_from"] == split["resumed_from"] == [10]
+    assert before["test"] == split["test"] and before["history"] == split["history"]
+
+
 def test_item_rows_need_the_sampled_denominator():
     from hetcomp_dist import config
 
