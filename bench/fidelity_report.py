@@ -24,6 +24,8 @@ def _runs(run: Path) -> dict[tuple[str, str], list[dict]]:
     """(method, temperature) -> the finished runs' metrics; runs in progress as {"in_progress": epoch}."""
     out: dict[tuple[str, str], list[dict]] = {}
     for path in sorted((run / "distill").glob("ref_*_T*_s*")):
+        if not path.is_dir():                          # a running cell's lease file beside its folder
+            continue
         method, rest = path.name[4:].rsplit("_T", 1)
         temperature, seed = rest.split("_s")
         key = (method, "-" if method == "bpr" else temperature)
