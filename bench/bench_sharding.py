@@ -84,6 +84,21 @@ def _sampled_items(items: int, batch: int, world: int, rank: int, negatives: int
     return ids
 
 
+def _time_item_steps(item_ids: Any, dim: int, rank: int, steps: int, warmup: int, step: Any) -> float:
+    """Median ms of ``step(ids, g)`` after ``warmup`` steps: ``ids`` a rank's item lookups (``item_ids``),
+    ``g`` a random gradient per lookup, both drawn outside the timing from the rank's generator."""
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for i in range(warmup + steps):
+        ids = item_ids(gen)
+        g = torch.randn(len(ids), dim, generator=gen)
+        t0 = _now()
+        step(ids, g)
+        if i >= warmup:
+            times.append(_now() - t0)
+    return 1000 * _median(times)
+
+
 def _replicated_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
                       item_ids: Any) -> dict:
     """``hand``: the whole item table on every rank, its dense gradient all-reduced."""
@@ -91,21 +106,17 @@ def _replicated_items(items: int, dim: int, batch: int, steps: int, warmup: int,
 
     weight = (torch.randn(items, dim) * 0.01).requires_grad_()
     state = torch.zeros(items)
-    gen = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(warmup + steps):
-        ids = item_ids(gen)
-        g = torch.randn(len(ids), dim, generator=gen)
-        t0 = _now()
+
+    def step(ids: torch.Tensor, g: torch.Tensor) -> None:
         weight.grad = None
         (torch.nn.functional.embedding(ids, weight) * g).sum().backward()
         with torch.no_grad():
             distributed.all_reduce_grad(weight)   # the distillation's item table: every rank's sum
             rows = weight.grad.ne(0).any(1).nonzero().squeeze(1)      # rows any rank looked up
             _adagrad_rows(weight, state, rows, weight.grad[rows])
-        if step >= warmup:
-            times.append(_now() - t0)
-    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+    ms = _time_item_steps(item_ids, dim, rank, steps, warmup, step)
+    return {"ms": ms, "table_bytes": weight.numel() * 4 + state.numel() * 4}
 
 
 def _split_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
@@ -116,21 +127,17 @@ def _split_items(items: int, dim: int, batch: int, steps: int, warmup: int, rank
     student = Student(1, items, dim, items=item_range(items, rank, world))
     weight = student.tables.weight("item")
     state = torch.zeros(weight.shape[0])
-    gen = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(warmup + steps):
-        ids = item_ids(gen)
-        g = torch.randn(len(ids), dim, generator=gen)
-        t0 = _now()
+
+    def step(ids: torch.Tensor, g: torch.Tensor) -> None:
         looked = student.step_items(ids)                  # the union's rows, from their owners
         (looked.weight[looked.index(ids)] * g).sum().backward()
         student.owned_item_grad()                         # summed over ranks, this rank's rows only
         with torch.no_grad():
             grad = weight.grad.coalesce()
             _adagrad_rows(weight, state, grad.indices()[0], grad.values())
-        if step >= warmup:
-            times.append(_now() - t0)
-    return {"ms": 1000 * _median(times), "table_bytes": weight.numel() * 4 + state.numel() * 4}
+
+    ms = _time_item_steps(item_ids, dim, rank, steps, warmup, step)
+    return {"ms": ms, "table_bytes": weight.numel() * 4 + state.numel() * 4}
 
 
 def _dmp(users: int, dim: int, batch: int, steps: int, warmup: int, rank: int, world: int,
