@@ -186,6 +186,7 @@ class _Run:
         for k, v in (shared.get("item_rows") or {}).items():
             out[f"row_{k}"] = v[first:stop]
         return out
+
     def _load_whole(self, state: dict[str, Any]) -> dict[str, Any]:
         start, stop = self.start, self.stop
         self.student.load_state_dict(rows(state["student"], start, stop, self.items))
