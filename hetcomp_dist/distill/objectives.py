@@ -223,7 +223,7 @@ class KDObjective:
         local = torch.from_numpy(users.astype(np.int64)) - self.start
         p, t, cfg = self.observed[local].long().to(dev), self.targets[local].long().to(dev), self.cfg
         # a split item table: the rows this step looks up, from their owners (every rank, every step)
-        needed = torch.cat([sample, p[p >= 0], t[t >= 0]]) if sample is not None else None
+        needed = torch.cat([sample, p[p >= 0], t[t >= 0]]) if self.student.items_split else None
         items = self.student.step_items(needed)
         if not len(batch_users):
             return torch.zeros((), device=dev)
