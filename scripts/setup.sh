@@ -27,6 +27,8 @@ else
   # CUDA 13.0 builds, which need an NVIDIA driver of the 580 series or newer).
   .venv/bin/python -m pip uninstall --quiet --yes fbgemm_gpu-cpu 2>/dev/null || true
   "${pip[@]}" --no-deps -r requirements/gpu.lock
+  # One line, not fbgemm's traceback, if a CPU torch ended up here anyway.
+  .venv/bin/python -c 'import sys, torch; torch.version.cuda or sys.exit(f"setup.sh --gpu: torch {torch.__version__} in .venv is a CPU build; requirements/gpu.lock pins the CUDA build (torch===2.13.0)")'
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray, pyarrow, s3fs; print(f"stack ok: torch {torch.__version__}, torchrec, ray {ray.__version__}, pyarrow {pyarrow.__version__}")'
