@@ -29,10 +29,17 @@ else
   "${pip[@]}" --no-deps -r requirements/gpu.lock
   # One line, not fbgemm's traceback, if a CPU torch ended up here anyway.
   .venv/bin/python -c 'import sys, torch; torch.version.cuda or sys.exit(f"setup.sh --gpu: torch {torch.__version__} in .venv is a CPU build; requirements/gpu.lock pins the CUDA build (torch===2.13.0)")'
+  # The CUDA fbgemm_gpu (so torchrec, so this package) loads the driver's NVML when imported: the lock
+  # installs anywhere (an image build needs no GPU), but it runs only where the NVIDIA driver is.
+  .venv/bin/python -c 'import ctypes, sys
+try:
+    ctypes.CDLL("libnvidia-ml.so.1")
+except OSError:
+    sys.exit("setup.sh --gpu: the GPU stack is installed in .venv, but it needs the NVIDIA driver (libnvidia-ml.so.1), which this host lacks; on a host without a GPU use bash scripts/setup.sh")'
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 .venv/bin/python -c 'import torch, fbgemm_gpu, torchrec, ray, pyarrow, s3fs; print(f"stack ok: torch {torch.__version__}, torchrec, ray {ray.__version__}, pyarrow {pyarrow.__version__}")'
 if [[ $gpu == 1 ]]; then
-  # Informative, not a failure: the lock also installs on a host without a GPU (an image build).
+  # Informative, not a failure: a host with the driver may still show no GPU (CUDA_VISIBLE_DEVICES).
   .venv/bin/python -c 'import torch; print(f"cuda: torch built for CUDA {torch.version.cuda}; " + (f"GPU visible: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU visible here"))'
 fi
