@@ -49,22 +49,26 @@ def union_over_ranks(ids: torch.Tensor) -> torch.Tensor:
     mine = torch.unique(ids)
     if not is_distributed():
         return mine
-    return torch.unique(torch.cat(_all_gather_rows(mine))).to(ids.device)
+    return torch.unique(torch.cat(_gather_rows(mine, to_first=False))).to(ids.device)
 
 
-def _all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``local`` (any number of rows, the same trailing shape and dtype), in rank order, on
-    comm_device. Tensor collectives need equal sizes, so each rank pads to the longest and the parts are
-    trimmed again: a plain all_gather on gloo and nccl alike, nothing pickled."""
+def _gather_rows(local: torch.Tensor, to_first: bool) -> list[torch.Tensor]:
+    """Every rank's ``local`` in rank order, on comm_device: on every rank, or (``to_first``) on rank 0 only
+    (the others get []). Tensor collectives need equal sizes, so each rank pads to the longest and the parts
+    are trimmed again: plain gathers on gloo and nccl alike, nothing pickled."""
     dev, world = comm_device(), dist.get_world_size()
     counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([local.shape[0]], device=dev))
     sizes = [int(c.item()) for c in counts]
     padded = local.new_zeros((max(sizes), *local.shape[1:]), device=dev)
     padded[:local.shape[0]] = local.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return [part[:n] for part, n in zip(parts, sizes)]
+    receiving = not to_first or dist.get_rank() == 0
+    parts = [torch.empty_like(padded) for _ in range(world)] if receiving else None
+    if to_first:
+        dist.gather(padded, parts, dst=0)
+    else:
+        dist.all_gather(parts, padded)
+    return [part[:n] for part, n in zip(parts, sizes)] if receiving else []
 
 
 def owned_rows(shard: torch.Tensor, first: int, ids: torch.Tensor) -> torch.Tensor:
@@ -91,7 +95,7 @@ def gather_cat(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (users in rank order), concatenated; on every rank, on ``local``'s device."""
     if not is_distributed():
         return local.detach().clone()
-    return torch.cat(_all_gather_rows(local)).to(local.device)
+    return torch.cat(_gather_rows(local, to_first=False)).to(local.device)
 
 
 def gather_cat_to_first(local: torch.Tensor) -> torch.Tensor | None:
@@ -99,12 +103,8 @@ def gather_cat_to_first(local: torch.Tensor) -> torch.Tensor | None:
     written); every other rank gets None and keeps nothing beyond its own rows. One process: a CPU copy."""
     if not is_distributed():
         return local.detach().cpu().clone()
-    first = dist.get_rank() == 0
-    parts: list[Any] | None = [None] * dist.get_world_size() if first else None
-    # Pickled as CPU tensors: a pickled CUDA tensor would unpickle on the sender's GPU index, in another
-    # rank's process. (gather_object itself runs on comm_device: under nccl, the current GPU.)
-    dist.gather_object(local.detach().cpu(), parts, dst=0)
-    return torch.cat(parts) if first else None
+    parts = _gather_rows(local, to_first=True)
+    return torch.cat(parts).cpu() if dist.get_rank() == 0 else None
 
 
 def all_reduce_ranking_sums(sums: RankingSums) -> RankingSums:
