@@ -35,10 +35,12 @@ CACHE_BYTES = 256 << 20   # the forward keeps its e^s chunks for the backward up
 class _ExcludedExpSum(torch.autograd.Function):
     """sum_i e^{clamp(<u, w_i>)} over items not in ``exclude``, in item chunks.
 
-    When no score can reach the clamp (max |u| x max |w| <= clamp, Cauchy-Schwarz) the clamp is
-    skipped, and the backward needs only e^s: the forward keeps its chunks (up to CACHE_BYTES) and
-    the backward is two matrix products with the incoming gradient folded into the small operands.
-    Otherwise the backward recomputes each chunk and masks the clamped scores.
+    The forward keeps each chunk's backward terms (e^s with the excluded and the clamped entries
+    zeroed: no gradient passes a clamp) up to CACHE_BYTES per call, so the backward is two matrix
+    products with the incoming gradient folded into the small operands; above that it recomputes
+    them chunk by chunk. Trained students do reach the clamp (mostly far below -clamp), so a chunk
+    is checked for it by its actual scores, and skips the check when no score can reach it
+    (max |u| x max |w| <= clamp, Cauchy-Schwarz).
     """
 
     # Operand layouts matter with d ~ 6-64 (1 thread, B ~ 1000 x 1024 chunks): u @ (d x C, contiguous)
@@ -49,12 +51,11 @@ class _ExcludedExpSum(torch.autograd.Function):
         hits = _excluded_by_chunk(exclude, item_weight.shape[0], chunk)
         item_t = item_weight.T.contiguous()                                      # d x n_items
         free = bool(user_emb.norm(dim=1).max() * item_weight.norm(dim=1).max() <= clamp) if len(user_emb) else True
-        keep = free and user_emb.shape[0] * item_weight.shape[0] * user_emb.element_size() <= CACHE_BYTES
+        keep = user_emb.shape[0] * item_weight.shape[0] * user_emb.element_size() <= CACHE_BYTES
         total = user_emb.new_zeros(user_emb.shape[0])
         kept = []
         for c0, (rows, cols) in hits:
-            e = _chunk_terms(user_emb, item_t[:, c0:c0 + chunk], rows, cols, clamp, free)
-            total += e.sum(1)
+            e = _chunk_terms(user_emb, item_t[:, c0:c0 + chunk], rows, cols, clamp, free, total)
             if keep:
                 kept.append(e)
         ctx.save_for_backward(user_emb, item_weight, item_t)
@@ -69,7 +70,7 @@ class _ExcludedExpSum(torch.autograd.Function):
         scaled_t = (user_emb * grad_total[:, None]).T.contiguous()                  # d x B
         for k, (c0, (rows, cols)) in enumerate(ctx.hits):
             w_t = item_t[:, c0:c0 + ctx.chunk]
-            e = ctx.kept[k] if ctx.kept else _chunk_terms(user_emb, w_t, rows, cols, ctx.clamp, ctx.free, grad=True)
+            e = ctx.kept[k] if ctx.kept else _chunk_terms(user_emb, w_t, rows, cols, ctx.clamp, ctx.free)
             # d total_b / d u_b = sum_i e_bi w_i and d / d w_i = sum_b g_b e_bi u_b: g folded in afterwards
             # for the users and into u beforehand for the items, so e is only read, never rescaled
             grad_user_t.addmm_(w_t, e.T)
@@ -79,16 +80,22 @@ class _ExcludedExpSum(torch.autograd.Function):
 
 
 def _chunk_terms(user_emb: torch.Tensor, item_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 clamp: float, free: bool, grad: bool = False) -> torch.Tensor:
-    """e^{clamp(u @ item_t)} of one chunk (B x C) with the excluded entries (rows, cols) zeroed; ``free``: no
-    score reaches the clamp, so it is skipped. ``grad``: also zero where the clamp cut, as no gradient
-    passes there (the backward's terms)."""
+                 clamp: float, free: bool, total: torch.Tensor | None = None) -> torch.Tensor:
+    """The backward's terms of one chunk (B x C): e^{clamp(u @ item_t)} with the excluded entries
+    (rows, cols) and the clamped ones zeroed. ``total``: first add each row's sum of e^{clamp(s)}
+    without the excluded entries (the forward's value: clamped entries count there). ``free``: no
+    score can reach the clamp, so the check is skipped."""
     s = user_emb @ item_t
-    cut = s.abs() > clamp if grad and not free else None
+    cut = None
     if not free:
-        s.clamp_(-clamp, clamp)
+        lo, hi = torch.aminmax(s)
+        if lo < -clamp or hi > clamp:
+            cut = s.abs() > clamp
+            s.clamp_(-clamp, clamp)
     e = s.exp_()
     e[rows, cols] = 0
+    if total is not None:
+        total += e.sum(1)
     if cut is not None:
         e.masked_fill_(cut, 0)
     return e
