@@ -222,11 +222,54 @@ def _read_yaml(path: str | Path) -> dict:
     return data or {}
 
 
+def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, tuple[Path, ...]]:
+    """A config file with its ``extends`` resolved: (settings, the files read, the base last).
+
+    ``extends: base.yaml`` (relative to the file) starts from the base's settings; this file's
+    mappings merge into the base's key by key and its other values replace the base's, except a
+    key written ``name+`` whose list is appended to the base's ``name`` (``teachers+: [...]`` adds
+    teachers). So a variant states only how it differs and cannot drift from its base.
+    """
+    if path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain + (path,)))}")
+    data = _read_yaml(path)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data, chain + (path,)
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise ConfigError(f"{path}: extends: expected a config file name, got {base_name!r}")
+    if not (path.parent / base_name).is_file():
+        raise ConfigError(f"{path}: extends: {path.parent / base_name} is not a config file")
+    base, files = _read_config(path.parent / base_name, chain + (path,))
+    return _merge(base, data, path), files
+
+
+def _merge(base: dict, over: dict, path: Path, at: str = "") -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        name = f"{at}{key}"
+        if isinstance(key, str) and key.endswith("+"):
+            key = key[:-1]
+            if not isinstance(value, list) or not isinstance(out.get(key, []), list):
+                raise ConfigError(f"{path}: {name}: appends a list to a list ({key} in the base is "
+                                  f"{type(out.get(key)).__name__}, the value {type(value).__name__})")
+            out[key] = list(out.get(key, [])) + value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, path, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (or defaults when no file) plus overrides, validated."""
-    data = _read_yaml(path) if path is not None else {}
+    """Load ``cls`` from a YAML file (or defaults when no file) plus overrides, validated.
+
+    The file may ``extends`` another (see :func:`_read_config`); errors then name every file read.
+    """
+    data, files = _read_config(Path(path)) if path is not None else ({}, ())
     data = apply_overrides(data, list(overrides))
-    return from_dict(cls, data, Where(str(path) if path is not None else "config"))
+    source = " extending ".join(map(str, files)) if files else "config"
+    return from_dict(cls, data, Where(source))
 
 
 def to_dict(config: Any) -> dict:

@@ -59,6 +59,41 @@ def test_missing_required_and_missing_file(tmp_path):
         load(Run, tmp_path / "nope.yaml")
 
 
+def test_extends_merges_mappings_replaces_values_and_appends_plus_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nepochs: 3\nks: [1, 2]\nopt:\n  lr: 0.5\n  kind: sgd\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "variant.yaml").write_text("extends: ../base.yaml\nepochs: 7\nks+: [3]\nopt:\n  lr: 2\n")
+    run = load(Run, tmp_path / "sub" / "variant.yaml", ["opt.kind=adam"])
+    assert run == Run(name="base", epochs=7, ks=[1, 2, 3], opt=Opt(lr=2.0, kind="adam"))
+    assert load(Run, tmp_path / "base.yaml").ks == [1, 2]          # the base itself is untouched
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nopt:\n  lr: 0.5\n")
+    cases = {
+        "extends: base.yaml\nopt:\n  speed: 1\n": r"v\.yaml extending .*base\.yaml: opt: unknown key\(s\) speed",
+        "extends: gone.yaml\n": r"v\.yaml: extends: .*gone\.yaml is not a config file",
+        "extends: v.yaml\n": r"v\.yaml: extends itself through",
+        "extends: base.yaml\nname+: [x]\n": r"v\.yaml: name\+: appends a list to a list",
+        "extends: [base.yaml]\n": r"v\.yaml: extends: expected a config file name",
+    }
+    for text, message in cases.items():
+        (tmp_path / "v.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load(Run, tmp_path / "v.yaml")
+
+
+def test_weak_teacher_configs_are_their_bases_plus_one_teacher():
+    from pathlib import Path
+
+    from hetcomp_dist.run import RunConfig
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("citeulike", "gowalla"):
+        base, weak = load(RunConfig, configs / f"{name}.yaml"), load(RunConfig, configs / f"{name}_weak_teacher.yaml")
+        assert weak.teachers[:-1] == base.teachers and weak.teachers[-1].name == "MF-weak"
+        assert (weak.distill, weak.data, weak.run) == (base.distill, base.data, base.run)
+
+
 def test_compatible_is_one_rule_built_on_from_dict():
     from hetcomp_dist.distill.config import DistillConfig
 
