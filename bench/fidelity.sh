@@ -3,6 +3,7 @@
 # only) and the student alone, seeds 0-2. One thread per run; JOBS runs at a time. Every run resumes
 # from its checkpoint and a finished one is skipped, so the script can be stopped and rerun at any time.
 #   JOBS=2 bash bench/fidelity.sh [citeulike|gowalla]
+#   pkill -f bench/fidelity.sh           # stops it and its runs (they resume from their checkpoints)
 # citeulike: configs/citeulike.yaml's distill section (the reference regime), rank-importance
 #   temperature 10 and 40.
 # gowalla: configs/gowalla.yaml's distill section with the reference's lr 1e-3 (init N(0, 0.01) is the
@@ -43,4 +44,10 @@ one() {
     >> "$run/logs/$(basename "$out").log" 2>&1
 }
 export -f one; export run dataset extra
-printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-1}" -L 1 bash -c 'one $0 $1 $2'
+# Stopping the script (kill -TERM / Ctrl-C) stops its runs: xargs first, so that no next cell
+# starts when a run's shell exits, then everything under it. A stopped run resumes on the next call.
+tree() { local p; echo "$1"; for p in $(pgrep -P "$1"); do tree "$p"; done; }
+trap 'kill -TERM $(tree "$feeder") 2>/dev/null; exit 143' TERM INT
+printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-1}" -L 1 bash -c 'one $0 $1 $2' &
+feeder=$!
+wait "$feeder"
