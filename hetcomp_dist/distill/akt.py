@@ -89,8 +89,9 @@ def _chunk_terms(user_emb: torch.Tensor, item_t: torch.Tensor, rows: torch.Tenso
     cut = None
     if not free:
         lo, hi = torch.aminmax(s)
-        if lo < -clamp or hi > clamp:
-            cut = s.abs() > clamp
+        low, high = bool(lo < -clamp), bool(hi > clamp)
+        if low or high:        # one comparison where only one side is reached (mostly the low one)
+            cut = s.abs() > clamp if low and high else s < -clamp if low else s > clamp
             s.clamp_(-clamp, clamp)
     e = s.exp_()
     e[rows, cols] = 0
