@@ -94,10 +94,13 @@ def comparison(runs: dict) -> str:
             h, a = [ours[s]["test"][k] for s in seeds], [theirs[s]["test"][k] for s in seeds]
             row += [" ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
                     f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", verdict(h, a)]
+        # epochs: the cost free of the host's load, which varied across the sessions a run spans
+        epochs = [ours[s]["epochs"] / theirs[s]["epochs"] for s in seeds]
         cost = [ours[s]["train_seconds"] / theirs[s]["train_seconds"] for s in seeds]
-        rows.append(row + [f"{statistics.mean(cost):.2f}x"])
+        rows.append(row + [f"{statistics.mean(epochs):.2f}x", f"{statistics.mean(cost):.2f}x"])
     head = ["T", "paired seeds", "R@50 HetComp - ablation", "R@50 relative", "R@50 verdict",
-            "N@50 HetComp - ablation", "N@50 relative", "N@50 verdict", "train time HetComp / ablation"]
+            "N@50 HetComp - ablation", "N@50 relative", "N@50 verdict", "epochs HetComp / ablation",
+            "train time HetComp / ablation"]
     return markdown_table(head, rows, numeric=False) if rows else "No seed has finished for both HetComp and the ablation."
 
 
