@@ -108,8 +108,7 @@ def _call(name, u, w, exclude):
     if name == "c1024":
         return _Earlier.apply(u, w, exclude, 40.0, 1024, _scan_masks)
     cache = akt.CACHE_BYTES
-    bounded = bool(u.norm(dim=1).max() * w.norm(dim=1).max() <= 40.0)
-    akt.CACHE_BYTES = 0 if name == "recompute" or (name == "bound" and not bounded) else cache
+    akt.CACHE_BYTES = 0 if name == "recompute" or (name == "bound" and not akt.within_clamp(u, w, 40.0)) else cache
     try:
         return akt.unobserved_exp_sum(u, w, exclude, 40.0)
     finally:

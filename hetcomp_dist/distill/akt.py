@@ -50,7 +50,7 @@ class _ExcludedExpSum(torch.autograd.Function):
     def forward(ctx, user_emb, item_weight, exclude, clamp, chunk):
         hits = _excluded_by_chunk(exclude, item_weight.shape[0], chunk)
         item_t = item_weight.T.contiguous()                                      # d x n_items
-        free = bool(user_emb.norm(dim=1).max() * item_weight.norm(dim=1).max() <= clamp) if len(user_emb) else True
+        free = within_clamp(user_emb, item_weight, clamp)
         keep = user_emb.shape[0] * item_weight.shape[0] * user_emb.element_size() <= CACHE_BYTES
         total = user_emb.new_zeros(user_emb.shape[0])
         kept = []
@@ -77,6 +77,11 @@ class _ExcludedExpSum(torch.autograd.Function):
             grad_item[c0:c0 + ctx.chunk] = (scaled_t @ e).T
         ctx.kept = None
         return grad_user_t.T * grad_total[:, None], grad_item, None, None, None
+
+
+def within_clamp(user_emb: torch.Tensor, item_weight: torch.Tensor, clamp: float) -> bool:
+    """Whether no score <u, w> can reach the clamp: max |u| x max |w| <= clamp (Cauchy-Schwarz)."""
+    return bool(user_emb.norm(dim=1).max() * item_weight.norm(dim=1).max() <= clamp) if len(user_emb) else True
 
 
 def _chunk_terms(user_emb: torch.Tensor, item_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
