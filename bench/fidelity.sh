@@ -11,6 +11,9 @@
 #   temperature 10. TEMPS overrides the temperatures.
 # The run's teachers are trained first where they are missing (hetcomp train-teachers skips finished
 # ones): sequentially for CiteULike, as concurrent Ray actors for Gowalla (its config is sized so).
+# A cell with a record in docs/results/fidelity_cells/<dataset>/ (bench/fidelity_report.py --record
+# writes them, and they are committed) is skipped: run folders do not outlive a fresh checkout.
+# SEEDS (default "0 1 2") picks the seeds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:-citeulike}
@@ -27,7 +30,7 @@ esac
 runs=()
 # The first temperature (the paper's 10), all seeds, before the next: the head-to-head needs seeds soonest.
 for temp in $temps; do
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     for method in hetcomp final_ensemble bpr; do
       [[ $method == bpr && $temp != "${temps%% *}" ]] && continue      # the student alone has no teachers
       runs+=("$method $temp $seed")
@@ -37,7 +40,7 @@ done
 one() {
   local method=$1 temp=$2 seed=$3
   local out=$run/distill/ref_${method}_T${temp}_s${seed}
-  [[ -f $out/MANIFEST.json ]] && return 0
+  [[ -f $out/MANIFEST.json || -f docs/results/fidelity_cells/$dataset/$(basename "$out").json ]] && return 0
   # shellcheck disable=SC2086  # $extra: zero or more --set pairs
   .venv/bin/hetcomp distill --config configs/$dataset.yaml --set distill.method=$method $extra \
     --set distill.temperature=$temp --set distill.seed=$seed --set distill.out=$out \
