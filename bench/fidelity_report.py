@@ -1,10 +1,13 @@
 """The reference-regime table of bench/fidelity.sh: HetComp, its ablation (the final ensemble, L_R only)
 and the student alone, mean and standard deviation over the seeds that have finished.
 
-    .venv/bin/python bench/fidelity_report.py [--run runs/citeulike] [--out docs/results/fidelity.md]
+    .venv/bin/python bench/fidelity_report.py [--run runs/citeulike] [--out docs/results/fidelity_table.md] [--record]
 
-Reads ``<run>/distill/ref_<method>_T<temperature>_s<seed>/metrics.json``; a run still in progress
-is listed by its checkpoint's epoch and left out of the means. A second table pairs HetComp with its
+Reads the committed cell records ``docs/results/fidelity_cells/<dataset>/<cell>.json`` and
+``<run>/distill/<cell>/metrics.json`` (cell: ``ref_<method>_T<temperature>_s<seed>``); a finished run
+folder wins over its record, and ``--record`` writes its record, so a finished cell outlives the run
+folder (which a fresh checkout loses). A run still in progress is listed by its checkpoint's epoch
+and left out of the means. A second table pairs HetComp with its
 ablation seed by seed (same seed, same temperature) and says whether HetComp is ahead beyond the
 seeds' spread: the mean paired difference larger than the larger of the two methods' standard
 deviations, with every seed on the same side.
@@ -24,21 +27,37 @@ METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50",
 LABELS = {"hetcomp": "HetComp", "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
 
 
-def _runs(run: Path) -> dict[tuple[str, str], list[dict]]:
-    """(method, temperature) -> the finished runs' metrics; runs in progress as {"in_progress": epoch}."""
-    out: dict[tuple[str, str], list[dict]] = {}
+CELLS = Path("docs/results/fidelity_cells")
+
+
+def record(metrics: dict, source: str) -> dict:
+    """What the tables need from a finished run's metrics.json, plus its valid Recall@50 curve."""
+    return {"test": {k: metrics["test"][k] for k in METRICS}, "epochs": metrics["epochs"],
+            "best_epoch": metrics.get("best_epoch"), "lr_start": _lr_start(metrics),
+            "train_seconds": metrics["train_seconds"], "source": source,
+            "valid_recall@50": [[h["epoch"], h.get("valid", {}).get("recall@50")] for h in metrics["history"]]}
+
+
+def _runs(run: Path, cells: Path, write: bool = False) -> dict[tuple[str, str], list[dict]]:
+    """(method, temperature) -> the finished cells' records; runs in progress as {"in_progress": epoch}.
+    With ``write``, a finished run folder's record is written to ``cells``."""
+    found: dict[str, dict] = {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("ref_*_T*_s*.json"))}
     for path in sorted((run / "distill").glob("ref_*_T*_s*")):
         if not path.is_dir():                          # a running cell's lease file beside its folder
             continue
-        method, rest = path.name[4:].rsplit("_T", 1)
-        temperature, seed = rest.split("_s")
-        key = (method, "-" if method == "bpr" else temperature)
         if storage.is_complete(str(path)):
-            metrics = json.loads((path / "metrics.json").read_text())
-            out.setdefault(key, []).append({"seed": int(seed), **metrics})
-        else:
+            found[path.name] = record(json.loads((path / "metrics.json").read_text()), f"{path}/metrics.json")
+            if write:
+                cells.mkdir(parents=True, exist_ok=True)
+                (cells / f"{path.name}.json").write_text(json.dumps(found[path.name], indent=1) + "\n")
+        elif path.name not in found:
             epochs = sorted(p.name for p in (path / "checkpoints").glob("epoch-*")) if (path / "checkpoints").exists() else []
-            out.setdefault(key, []).append({"seed": int(seed), "in_progress": epochs[-1] if epochs else "starting"})
+            found[path.name] = {"in_progress": epochs[-1] if epochs else "starting"}
+    out: dict[tuple[str, str], list[dict]] = {}
+    for name, rec in sorted(found.items()):
+        method, rest = name[4:].rsplit("_T", 1)
+        temperature, seed = rest.split("_s")
+        out.setdefault((method, "-" if method == "bpr" else temperature), []).append({"seed": int(seed), **rec})
     return out
 
 
@@ -57,7 +76,7 @@ def table(runs: dict) -> str:
         done = [m for m in items if "in_progress" not in m]
         busy = [f"s{m['seed']} at {m['in_progress']}" for m in items if "in_progress" in m]
         cells = [mean_sd([m["test"][k] for m in done], "{:.1f}" if "lift" in k else "{:.4f}") for k in METRICS]
-        lr = [x for x in (_lr_start(m) for m in done) if x is not None]
+        lr = [m["lr_start"] for m in done if m["lr_start"] is not None]
         rows.append([LABELS.get(method, method), temperature, len(done), *cells,
                      mean_sd([m["epochs"] for m in done], "{:.0f}"), mean_sd(lr, "{:.0f}") or "-",
                      mean_sd([m["train_seconds"] / 60 for m in done], "{:.0f}"), ", ".join(busy)])
@@ -108,8 +127,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/citeulike")
     ap.add_argument("--out", help="also write the table to this markdown file")
+    ap.add_argument("--cells", help=f"the cell records (default {CELLS}/<the run folder's name>)")
+    ap.add_argument("--record", action="store_true", help="write the records of the finished run folders")
     args = ap.parse_args()
-    runs = _runs(Path(args.run))
+    run = Path(args.run)
+    runs = _runs(run, Path(args.cells) if args.cells else CELLS / run.name, args.record)
     text = table(runs) + "\n\n" + comparison(runs)
     print(text)
     if args.out:
