@@ -35,6 +35,7 @@ def record(metrics: dict, source: str) -> dict:
     return {"test": {k: metrics["test"][k] for k in METRICS}, "epochs": metrics["epochs"],
             "best_epoch": metrics.get("best_epoch"), "lr_start": _lr_start(metrics),
             "train_seconds": metrics["train_seconds"], "source": source,
+            "trajectory_stages": metrics.get("trajectory_stages"),
             "valid_recall@50": [[h["epoch"], h.get("valid", {}).get("recall@50")] for h in metrics["history"]]}
 
 
