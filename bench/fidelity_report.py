@@ -8,9 +8,10 @@ Reads the committed cell records ``docs/results/fidelity_cells/<dataset>/<cell>.
 folder wins over its record, and ``--record`` writes its record, so a finished cell outlives the run
 folder (which a fresh checkout loses). A run still in progress is listed by its checkpoint's epoch
 and left out of the means. A second table pairs HetComp with its
-ablation seed by seed (same seed, same temperature) and says whether HetComp is ahead beyond the
-seeds' spread: the mean paired difference larger than the larger of the two methods' standard
-deviations, with every seed on the same side.
+ablation seed by seed on test R@20, N@20, R@50 and N@50 (same seed, same temperature) and says
+whether HetComp is ahead beyond the seeds' spread: the mean paired difference larger than the
+larger of the two methods' standard deviations, with every seed on the same side. It also gives the
+paired t statistic (mean difference over its standard error; with 3 seeds, |t| > 4.3 is p < 0.05).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hetcomp_dist import storage
 from hetcomp_dist.benchutil import markdown_table, mean_sd
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50", "coverage@50")
+PAIRED = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
 LABELS = {"hetcomp": "HetComp", "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
 
 
@@ -97,10 +99,18 @@ def verdict(hetcomp: list[float], ablation: list[float]) -> str:
     return "within the seeds' spread"
 
 
+def paired_t(hetcomp: list[float], ablation: list[float]) -> str:
+    """The paired t statistic of HetComp minus the ablation ("-" under two seeds or with no spread)."""
+    diffs = [h - a for h, a in zip(hetcomp, ablation)]
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return "-"
+    return f"{statistics.mean(diffs) / (statistics.stdev(diffs) / len(diffs) ** 0.5):+.1f}"
+
+
 def comparison(runs: dict) -> str:
-    """HetComp minus the ablation on the seeds both finished, per temperature: test R@50 and N@50 and the
-    training minutes."""
-    rows = []
+    """HetComp minus the ablation on the seeds both finished, per temperature and test metric, then
+    the cost: epochs and training time, HetComp over the ablation."""
+    rows, cost_rows = [], []
     for (method, temperature), items in sorted(runs.items()):
         if method != "hetcomp":
             continue
@@ -109,19 +119,21 @@ def comparison(runs: dict) -> str:
         seeds = sorted(set(ours) & set(theirs))
         if not seeds:
             continue
-        row = [temperature, " ".join(map(str, seeds))]
-        for k in ("recall@50", "ndcg@50"):
+        for k in PAIRED:
             h, a = [ours[s]["test"][k] for s in seeds], [theirs[s]["test"][k] for s in seeds]
-            row += [" ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
-                    f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", verdict(h, a)]
+            rows.append([temperature, k, " ".join(map(str, seeds)), " ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
+                         f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", paired_t(h, a), verdict(h, a)])
         # epochs: the cost free of the host's load, which varied across the sessions a run spans
         epochs = [ours[s]["epochs"] / theirs[s]["epochs"] for s in seeds]
         cost = [ours[s]["train_seconds"] / theirs[s]["train_seconds"] for s in seeds]
-        rows.append(row + [f"{statistics.mean(epochs):.2f}x", f"{statistics.mean(cost):.2f}x"])
-    head = ["T", "paired seeds", "R@50 HetComp - ablation", "R@50 relative", "R@50 verdict",
-            "N@50 HetComp - ablation", "N@50 relative", "N@50 verdict", "epochs HetComp / ablation",
-            "train time HetComp / ablation"]
-    return markdown_table(head, rows, numeric=False) if rows else "No seed has finished for both HetComp and the ablation."
+        cost_rows.append([temperature, " ".join(map(str, seeds)), " ".join(f"{x:.2f}" for x in epochs),
+                          f"{statistics.mean(epochs):.2f}x", " ".join(f"{x:.2f}" for x in cost), f"{statistics.mean(cost):.2f}x"])
+    if not rows:
+        return "No seed has finished for both HetComp and the ablation."
+    head = ["T", "test metric", "paired seeds", "HetComp - ablation", "relative", "paired t", "verdict"]
+    cost_head = ["T", "paired seeds", "epochs ratio per seed", "epochs HetComp / ablation",
+                 "train time ratio per seed", "train time HetComp / ablation"]
+    return markdown_table(head, rows, numeric=False) + "\n\n" + markdown_table(cost_head, cost_rows, numeric=False)
 
 
 def main() -> None:

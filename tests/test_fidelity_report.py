@@ -58,3 +58,8 @@ def test_verdict_needs_every_seed_on_one_side_beyond_the_spread():
     assert fr.verdict([0.20, 0.21, 0.22], [0.30, 0.31, 0.32]) == "HetComp behind beyond the spread"
     assert fr.verdict([0.30, 0.20, 0.31], [0.25, 0.21, 0.26]) == "within the seeds' spread"
     assert fr.verdict([0.3], [0.2]) == "one seed: no verdict"
+
+
+def test_paired_t():
+    assert fr.paired_t([0.3, 0.4, 0.5], [0.2, 0.2, 0.2]) == "+3.5"      # diffs 0.1 0.2 0.3: 0.2 / (0.1 / sqrt 3)
+    assert fr.paired_t([0.3, 0.5], [0.2, 0.2]) == "+2.0" and fr.paired_t([0.3], [0.2]) == "-"
