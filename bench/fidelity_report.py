@@ -7,11 +7,13 @@ Reads the committed cell records ``docs/results/fidelity_cells/<dataset>/<cell>.
 ``<run>/distill/<cell>/metrics.json`` (cell: ``ref_<method>_T<temperature>_s<seed>``); a finished run
 folder wins over its record, and ``--record`` writes its record, so a finished cell outlives the run
 folder (which a fresh checkout loses). A run still in progress is listed by its checkpoint's epoch
-and left out of the means. A second table pairs HetComp with its
-ablation seed by seed on test R@20, N@20, R@50 and N@50 (same seed, same temperature) and says
-whether HetComp is ahead beyond the seeds' spread: the mean paired difference larger than the
-larger of the two methods' standard deviations, with every seed on the same side. It also gives the
-paired t statistic (mean difference over its standard error; with 3 seeds, |t| > 4.3 is p < 0.05).
+and left out of the means.
+
+A second table pairs HetComp with its ablation seed by seed on test R@20, N@20, R@50 and N@50 (same
+seed, same temperature) and says whether HetComp is ahead beyond the seeds' spread: the mean paired
+difference larger than the larger of the two methods' standard deviations, with every seed on the
+same side. It also gives the paired t statistic (mean difference over its standard error; with 3
+seeds, |t| > 4.3 is p < 0.05). A third gives the cost: epochs and training time, per seed.
 """
 
 from __future__ import annotations
