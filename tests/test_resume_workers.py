@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
-import json, sys
+import json, os, sys
 import torch.distributed as dist
 from hetcomp_dist.distill.config import DistillConfig
 from hetcomp_dist.distill.train import distill
@@ -39,8 +39,9 @@ def report(event):
 
 try:
     metrics = distill(ds, json.loads(uris), DistillConfig(**cfg), out, ks=(10, 20), report=report)
-except Crash:
-    sys.exit(3)
+except Crash:       # as a crash would: no interpreter teardown, where gloo's threads can abort (SIGABRT)
+    sys.stderr.flush()
+    os._exit(3)
 if dist.get_rank() == 0:
     json.dump(metrics, open(result, "w"))
 dist.destroy_process_group()
