@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import sys
+import threading
+import traceback
 import tempfile
 from pathlib import Path
 
@@ -292,5 +296,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The process entry point (the ``hetcomp`` script, ``python -m``, the jobs): ``main``, then an exit
+    that skips the C++ static destructors. pyarrow's thread pools can still hold a joinable thread when
+    libc tears them down, and the process then dies of SIGABRT ("terminate called without an active
+    exception", apache/arrow#34314) after its work and its message are done, so the exit status lies.
+    Python's own exit work still runs: non-daemon threads are joined, then atexit (Ray's shutdown,
+    logging, temporary folders)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:                              # argparse: --help, usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:                                # a bug: its traceback, then the same exit
+        traceback.print_exc()
+        code = 1
+    for thread in threading.enumerate():                # what the interpreter's own exit waits for
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):                    # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,7 +10,7 @@ after a worker failure: ray.max_restarts (each resumes from <out>/checkpoint).
 
 import sys
 
-from hetcomp_dist.cli import main
+from hetcomp_dist.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["distill", "--ray", *sys.argv[1:]]))
+    run(["distill", "--ray", *sys.argv[1:]])

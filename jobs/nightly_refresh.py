@@ -17,7 +17,7 @@ Exit status: 0 promoted, 1 refused by the gate, 2 bad input or config, 3 another
 
 import sys
 
-from hetcomp_dist.cli import main
+from hetcomp_dist.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["refresh", "--ray", *sys.argv[1:]]))
+    run(["refresh", "--ray", *sys.argv[1:]])

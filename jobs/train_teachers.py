@@ -8,7 +8,7 @@ Inside a job, Ray sets RAY_ADDRESS, so the actors go to the job's cluster.
 
 import sys
 
-from hetcomp_dist.cli import main
+from hetcomp_dist.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train-teachers", *sys.argv[1:]]))
+    run(["train-teachers", *sys.argv[1:]])
