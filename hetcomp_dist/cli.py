@@ -6,6 +6,7 @@ import argparse
 import atexit
 import json
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -309,8 +310,9 @@ def run(argv: list[str] | None = None) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt:                            # after the exit work, die of SIGINT as Python would
+        print("hetcomp: interrupted", file=sys.stderr)
+        code = -signal.SIGINT
     except BaseException:                                # a bug: its traceback, then the same exit
         traceback.print_exc()
         code = 1
@@ -323,6 +325,9 @@ def run(argv: list[str] | None = None) -> None:
             stream.flush()
         except (OSError, ValueError):                    # a closed pipe: nothing left to say
             pass
+    if code == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
 
 

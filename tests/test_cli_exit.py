@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A process that leaves work for the interpreter's exit: a non-daemon thread that prints late, an
 # atexit function, and buffered stdout (a pipe, so not line-buffered), then runs ``cli.run(ARGS)`` (with BUG set, a
-# ``main`` that raises).
+# ``main`` that raises; with WAIT, one that waits to be interrupted).
 SCRIPT = """
 import atexit, os, sys, threading, time
 from hetcomp_dist import cli
 if os.environ.get("BUG"):
     cli.main = lambda argv: 1 / 0
+if os.environ.get("WAIT"):
+    cli.main = lambda argv: (print("ready", file=sys.stderr, flush=True), time.sleep(60))
 threading.Thread(target=lambda: (time.sleep(0.5), print("thread done"))).start()
 atexit.register(print, "atexit ran")
 print("buffered", end=" ")
@@ -51,3 +54,14 @@ def test_a_bug_exits_1_with_its_traceback() -> None:
     assert out.returncode == 1
     assert "ZeroDivisionError" in out.stderr and "Traceback" in out.stderr
     assert out.stdout.split() == ["buffered", "thread", "done", "atexit", "ran"]
+
+
+def test_ctrl_c_dies_of_sigint_after_exit_work() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, "demo"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "WAIT": "1"})
+    assert proc.stderr.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    assert err.strip() == "hetcomp: interrupted"
+    assert out.split() == ["buffered", "thread", "done", "atexit", "ran"]
