@@ -19,7 +19,8 @@ import atexit, os, sys, threading, time
 from hetcomp_dist import cli
 if os.environ.get("BUG"):
     cli.main = lambda argv: 1 / 0
-if os.environ.get("WAIT"):
+if os.environ.get("WAIT"):                # a shell's background job starts with SIGINT ignored: undo that
+    import signal; signal.signal(signal.SIGINT, signal.default_int_handler)
     cli.main = lambda argv: (print("ready", file=sys.stderr, flush=True), time.sleep(60))
 threading.Thread(target=lambda: (time.sleep(0.5), print("thread done"))).start()
 atexit.register(print, "atexit ran")
