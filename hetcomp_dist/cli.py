@@ -8,10 +8,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
-import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from hetcomp_dist import compare, storage
 from hetcomp_dist.config import ConfigError
@@ -297,13 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(argv: list[str] | None = None) -> None:
-    """The process entry point (the ``hetcomp`` script, ``python -m``, the jobs): ``main``, then an exit
-    that skips the C++ static destructors. pyarrow's thread pools can still hold a joinable thread when
-    libc tears them down, and the process then dies of SIGABRT ("terminate called without an active
-    exception", apache/arrow#34314) after its work and its message are done, so the exit status lies.
-    Python's own exit work still runs: non-daemon threads are joined, then atexit (Ray's shutdown,
-    logging, temporary folders)."""
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The process entry point (the ``hetcomp`` script, ``python -m``, the jobs): ``main``, then ``_leave``
+    with its exit status."""
     try:
         code = main(argv)
     except SystemExit as e:                              # argparse: --help, usage errors
@@ -316,6 +313,15 @@ def run(argv: list[str] | None = None) -> None:
     except BaseException:                                # a bug: its traceback, then the same exit
         traceback.print_exc()
         code = 1
+    _leave(code)
+
+
+def _leave(code: int) -> NoReturn:
+    """Python's own exit work (non-daemon threads joined, then atexit: Ray's shutdown, logging, temporary
+    folders, then a flush), then an exit that skips the C++ static destructors. pyarrow's thread pools can
+    still hold a joinable thread when libc tears them down, and the process then dies of SIGABRT
+    ("terminate called without an active exception", apache/arrow#34314) after its work and its message
+    are done, so the exit status lies. ``code`` -SIGINT dies of that signal."""
     for thread in threading.enumerate():                # what the interpreter's own exit waits for
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
