@@ -14,9 +14,13 @@
 # A cell with a record in docs/results/fidelity_cells/<dataset>/ (bench/fidelity_report.py --record
 # writes them, and they are committed) is skipped: run folders do not outlive a fresh checkout.
 # SEEDS (default "0 1 2") picks the seeds.
+# REGIME=fast: the fast regime instead (lr 0.01, 1,000 sampled negatives, temperature 40; cells fast_*):
+#   HetComp with the reference's epoch-counting DKC schedule, HetComp with the progress-tied one
+#   (distill.dkc_schedule: progress, cell hetcomp-progress) and the ablation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:-citeulike}
+regime=${REGIME:-ref}
 export HETCOMP_DATASETS_DIR="${HETCOMP_DATASETS_DIR:-$(cd .. && pwd)/shared/datasets}"
 run=runs/$dataset
 mkdir -p "$run/logs"
@@ -25,13 +29,20 @@ case $dataset in
   gowalla) temps=${TEMPS:-10}; extra="--set distill.lr=0.001"; teachers=() ;;
   *) echo "bench/fidelity.sh: unknown dataset '$dataset' (citeulike or gowalla)" >&2; exit 2 ;;
 esac
+methods="hetcomp final_ensemble bpr"
+case $regime in
+  ref) ;;
+  fast) temps=${TEMPS:-40}; extra="--set distill.lr=0.01 --set distill.sampled_negatives=1000"
+        methods="hetcomp hetcomp-progress final_ensemble" ;;
+  *) echo "bench/fidelity.sh: unknown REGIME '$regime' (ref or fast)" >&2; exit 2 ;;
+esac
 .venv/bin/hetcomp train-teachers --config configs/$dataset.yaml "${teachers[@]}" >> "$run/logs/teachers.log" 2>&1 \
   || { echo "bench/fidelity.sh: train-teachers failed, see $run/logs/teachers.log" >&2; exit 1; }
 runs=()
 # The first temperature (the paper's 10), all seeds, before the next: the head-to-head needs seeds soonest.
 for temp in $temps; do
   for seed in ${SEEDS:-0 1 2}; do
-    for method in hetcomp final_ensemble bpr; do
+    for method in $methods; do
       [[ $method == bpr && $temp != "${temps%% *}" ]] && continue      # the student alone has no teachers
       runs+=("$method $temp $seed")
     done
@@ -39,14 +50,15 @@ for temp in $temps; do
 done
 one() {
   local method=$1 temp=$2 seed=$3
-  local out=$run/distill/ref_${method}_T${temp}_s${seed}
+  local out=$run/distill/${regime}_${method}_T${temp}_s${seed} args=(--set "distill.method=$method")
   [[ -f $out/MANIFEST.json || -f docs/results/fidelity_cells/$dataset/$(basename "$out").json ]] && return 0
+  [[ $method == hetcomp-progress ]] && args=(--set distill.method=hetcomp --set distill.dkc_schedule=progress)
   # shellcheck disable=SC2086  # $extra: zero or more --set pairs
-  .venv/bin/hetcomp distill --config configs/$dataset.yaml --set distill.method=$method $extra \
+  .venv/bin/hetcomp distill --config configs/$dataset.yaml "${args[@]}" $extra \
     --set distill.temperature=$temp --set distill.seed=$seed --set distill.out=$out \
     >> "$run/logs/$(basename "$out").log" 2>&1
 }
-export -f one; export run dataset extra
+export -f one; export run dataset extra regime
 # Stopping the script (kill -TERM / Ctrl-C) stops its runs: xargs first, so that no next cell
 # starts when a run's shell exits, then everything under it. A stopped run resumes on the next call.
 tree() { local p; echo "$1"; for p in $(pgrep -P "$1"); do tree "$p"; done; }

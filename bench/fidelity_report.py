@@ -2,14 +2,16 @@
 and the student alone, mean and standard deviation over the seeds that have finished.
 
     .venv/bin/python bench/fidelity_report.py [--run runs/citeulike] [--out docs/results/fidelity_table.md] [--record]
+        [--regime ref|fast]
 
 Reads the committed cell records ``docs/results/fidelity_cells/<dataset>/<cell>.json`` and
-``<run>/distill/<cell>/metrics.json`` (cell: ``ref_<method>_T<temperature>_s<seed>``); a finished run
+``<run>/distill/<cell>/metrics.json`` (cell: ``<regime>_<method>_T<temperature>_s<seed>``); a finished run
 folder wins over its record, and ``--record`` writes its record, so a finished cell outlives the run
 folder (which a fresh checkout loses). A run still in progress is listed by its checkpoint's epoch
 and left out of the means.
 
-A second table pairs HetComp with its ablation seed by seed on test R@20, N@20, R@50 and N@50 (same
+A second table pairs HetComp (and, in the fast regime, HetComp with the progress-tied DKC schedule,
+also against HetComp) with its ablation seed by seed on test R@20, N@20, R@50 and N@50 (same
 seed, same temperature) and says whether HetComp is ahead beyond the seeds' spread: the mean paired
 difference larger than the larger of the two methods' standard deviations, with every seed on the
 same side. It also gives the paired t statistic (mean difference over its standard error; with 3
@@ -28,7 +30,10 @@ from hetcomp_dist.benchutil import markdown_table, mean_sd
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50", "popularity_lift@50", "coverage@50")
 PAIRED = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-LABELS = {"hetcomp": "HetComp", "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
+LABELS = {"hetcomp": "HetComp", "hetcomp-progress": "HetComp, progress-tied DKC",
+          "final_ensemble": "ablation (final ensemble, L_R only)", "bpr": "student alone (BPR)"}
+# (method, baseline) pairs of the comparison, where both have finished seeds
+PAIRS = (("hetcomp", "final_ensemble"), ("hetcomp-progress", "final_ensemble"), ("hetcomp-progress", "hetcomp"))
 
 
 CELLS = Path("docs/results/fidelity_cells")
@@ -43,11 +48,11 @@ def record(metrics: dict, source: str) -> dict:
             "valid_recall@50": [[h["epoch"], h.get("valid", {}).get("recall@50")] for h in metrics["history"]]}
 
 
-def _runs(run: Path, cells: Path, write: bool = False) -> dict[tuple[str, str], list[dict]]:
+def _runs(run: Path, cells: Path, write: bool = False, regime: str = "ref") -> dict[tuple[str, str], list[dict]]:
     """(method, temperature) -> the finished cells' records; runs in progress as {"in_progress": epoch}.
     With ``write``, a finished run folder's record is written to ``cells``."""
-    found: dict[str, dict] = {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("ref_*_T*_s*.json"))}
-    for path in sorted((run / "distill").glob("ref_*_T*_s*")):
+    found: dict[str, dict] = {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob(f"{regime}_*_T*_s*.json"))}
+    for path in sorted((run / "distill").glob(f"{regime}_*_T*_s*")):
         if not path.is_dir():                          # a running cell's lease file beside its folder
             continue
         if storage.is_complete(str(path)):
@@ -60,7 +65,7 @@ def _runs(run: Path, cells: Path, write: bool = False) -> dict[tuple[str, str], 
             found[path.name] = {"in_progress": epochs[-1] if epochs else "starting"}
     out: dict[tuple[str, str], list[dict]] = {}
     for name, rec in sorted(found.items()):
-        method, rest = name[4:].rsplit("_T", 1)
+        method, rest = name[len(regime) + 1:].rsplit("_T", 1)
         temperature, seed = rest.split("_s")
         out.setdefault((method, "-" if method == "bpr" else temperature), []).append({"seed": int(seed), **rec})
     return out
@@ -89,15 +94,15 @@ def table(runs: dict) -> str:
     return markdown_table(head, rows, numeric=False)
 
 
-def verdict(hetcomp: list[float], ablation: list[float]) -> str:
-    """HetComp's paired values against the ablation's (same seeds, in order), in words."""
+def verdict(hetcomp: list[float], ablation: list[float], name: str = "HetComp") -> str:
+    """A method's (``name``) paired values against its baseline's (same seeds, in order), in words."""
     diffs = [h - a for h, a in zip(hetcomp, ablation)]
     if len(diffs) < 2:
         return "one seed: no verdict"
     spread = max(statistics.stdev(hetcomp), statistics.stdev(ablation))
     mean = statistics.mean(diffs)
     if abs(mean) > spread and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-        return ("HetComp ahead" if mean > 0 else "HetComp behind") + " beyond the spread"
+        return f"{name} {'ahead' if mean > 0 else 'behind'} beyond the spread"
     return "within the seeds' spread"
 
 
@@ -110,31 +115,32 @@ def paired_t(hetcomp: list[float], ablation: list[float]) -> str:
 
 
 def comparison(runs: dict) -> str:
-    """HetComp minus the ablation on the seeds both finished, per temperature and test metric, then
-    the cost: epochs and training time, HetComp over the ablation."""
+    """Each method minus its baseline (PAIRS) on the seeds both finished, per temperature and test
+    metric, then the cost: epochs and training time, the method over its baseline."""
     rows, cost_rows = [], []
-    for (method, temperature), items in sorted(runs.items()):
-        if method != "hetcomp":
-            continue
-        ours = {m["seed"]: m for m in items if "in_progress" not in m}
-        theirs = {m["seed"]: m for m in runs.get(("final_ensemble", temperature), []) if "in_progress" not in m}
+    temperatures = sorted({t for _, t in runs if t != "-"})
+    for (method, base), temperature in [(p, t) for p in PAIRS for t in temperatures]:
+        ours = {m["seed"]: m for m in runs.get((method, temperature), []) if "in_progress" not in m}
+        theirs = {m["seed"]: m for m in runs.get((base, temperature), []) if "in_progress" not in m}
         seeds = sorted(set(ours) & set(theirs))
         if not seeds:
             continue
+        pair = f"{LABELS[method].split(' (')[0]} vs {LABELS[base].split(' (')[0]}"
         for k in PAIRED:
             h, a = [ours[s]["test"][k] for s in seeds], [theirs[s]["test"][k] for s in seeds]
-            rows.append([temperature, k, " ".join(map(str, seeds)), " ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
-                         f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", paired_t(h, a), verdict(h, a)])
+            rows.append([pair, temperature, k, " ".join(map(str, seeds)), " ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
+                         f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", paired_t(h, a),
+                         verdict(h, a, LABELS[method].split(" (")[0])])
         # epochs: the cost free of the host's load, which varied across the sessions a run spans
         epochs = [ours[s]["epochs"] / theirs[s]["epochs"] for s in seeds]
         cost = [ours[s]["train_seconds"] / theirs[s]["train_seconds"] for s in seeds]
-        cost_rows.append([temperature, " ".join(map(str, seeds)), " ".join(f"{x:.2f}" for x in epochs),
+        cost_rows.append([pair, temperature, " ".join(map(str, seeds)), " ".join(f"{x:.2f}" for x in epochs),
                           f"{statistics.mean(epochs):.2f}x", " ".join(f"{x:.2f}" for x in cost), f"{statistics.mean(cost):.2f}x"])
     if not rows:
-        return "No seed has finished for both HetComp and the ablation."
-    head = ["T", "test metric", "paired seeds", "HetComp - ablation", "relative", "paired t", "verdict"]
-    cost_head = ["T", "paired seeds", "epochs ratio per seed", "epochs HetComp / ablation",
-                 "train time ratio per seed", "train time HetComp / ablation"]
+        return "No seed has finished for both a method and its baseline."
+    head = ["pair", "T", "test metric", "paired seeds", "difference per seed", "relative", "paired t", "verdict"]
+    cost_head = ["pair", "T", "paired seeds", "epochs ratio per seed", "epochs ratio",
+                 "train time ratio per seed", "train time ratio"]
     return markdown_table(head, rows, numeric=False) + "\n\n" + markdown_table(cost_head, cost_rows, numeric=False)
 
 
@@ -144,9 +150,10 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table to this markdown file")
     ap.add_argument("--cells", help=f"the cell records (default {CELLS}/<the run folder's name>)")
     ap.add_argument("--record", action="store_true", help="write the records of the finished run folders")
+    ap.add_argument("--regime", default="ref", choices=("ref", "fast"), help="which cells (bench/fidelity.sh's REGIME)")
     args = ap.parse_args()
     run = Path(args.run)
-    runs = _runs(run, Path(args.cells) if args.cells else CELLS / run.name, args.record)
+    runs = _runs(run, Path(args.cells) if args.cells else CELLS / run.name, args.record, args.regime)
     text = table(runs) + "\n\n" + comparison(runs)
     print(text)
     if args.out:

@@ -86,6 +86,19 @@ def test_hetcomp_writes_outputs_and_advances_stages(run):
     assert "## Trajectory stages" in storage.read_bytes(out, "report.md").decode()
 
 
+def test_progress_schedule_moves_every_pair_at_each_stalled_check(run, tmp_path):
+    """With a stall bound no gain reaches, every check after the first is a stall: each moves every
+    pair one stage (the loop hands the valid gain to DKC), and L_R starts once all are final."""
+    ds_uri, uris, _ = run
+    cfg = _cfg("hetcomp")
+    cfg.max_epochs, cfg.dkc_schedule, cfg.dkc_stall = 30, "progress", 100.0
+    metrics = distill(ds_uri, uris, cfg, str(tmp_path / "progress"), ks=(10,))
+    stages = [p["mean_stage"] for p in metrics["dkc_progress"]]
+    assert [p["epoch"] for p in metrics["dkc_progress"][:4]] == [5, 10, 15, 20]
+    assert stages[:4] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    assert [h["phase"] for h in metrics["history"]][3:5] == ["L_O", "L_R"]
+
+
 def test_distilled_student_beats_student_alone(run):
     """Teachers that know the held-out items must make a better student than BPR on the train data."""
     ds_uri, uris, root = run

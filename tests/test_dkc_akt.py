@@ -147,6 +147,28 @@ def test_step_matches_the_reference_rule(seed):
     assert 0 < (stage == n_stages - 1).float().mean() < 1      # the checks moved some pairs, not all
 
 
+def test_progress_schedule_moves_every_pair_at_a_stall():
+    reference = dkc.DKCConfig()
+    progress = dkc.DKCConfig(schedule="progress", stall=0.01)
+    epoch_th = 1.05 * 0.995 ** 4
+    # the reference counts epochs whatever the student does; progress follows it while valid rises by 1%+
+    assert dkc.threshold(40, reference, gain=-0.5) == pytest.approx(epoch_th)
+    assert dkc.threshold(40, progress, gain=0.02) == pytest.approx(epoch_th)
+    assert dkc.threshold(40, progress, gain=None) == pytest.approx(epoch_th)
+    assert dkc.threshold(40, progress, gain=0.005) == 0.0 and dkc.threshold(40, progress, gain=-0.1) == 0.0
+    # at th = 0 every pair below its final stage moves, whatever its ratio; 0 / 0 (already there) does not
+    top = torch.arange(50)[None]
+    lists = torch.stack([torch.arange(1000, 1050), torch.arange(1000, 1050), torch.arange(50),
+                         torch.arange(50)])[None, None].expand(1, 4, 4, 50)
+    stage = torch.tensor([[0, 1, 1, 3]])
+    last = torch.tensor([[0.99, 1.0, 0.0, 0.5]], dtype=torch.float64)   # ratios 0.99 / 1, 1 / 0 (inf), 0 / 0
+    assert dkc.step(stage, last, top, lists, 1.0)[0].tolist() == [[1, 2, 1, 3]]
+    assert dkc.step(stage, last, top, lists, 0.0)[0].tolist() == [[1, 2, 1, 3]]
+    last[0, 0] = 1.0                                                     # ratio exactly 1: only th = 0 moves it
+    assert dkc.step(stage, last, top, lists, 1.0)[0].tolist() == [[0, 2, 1, 3]]
+    assert dkc.step(stage, last, top, lists, 0.0)[0].tolist() == [[1, 2, 1, 3]]
+
+
 def test_switch_rule():
     assert dkc.switched([3.0, 2.996], 4) and not dkc.switched([3.0, 2.994], 4)
     assert not dkc.switched([3.0, 2.996], 4, "strict") and dkc.switched([3.0, 3.0], 4, "strict")

@@ -63,3 +63,23 @@ def test_verdict_needs_every_seed_on_one_side_beyond_the_spread():
 def test_paired_t():
     assert fr.paired_t([0.3, 0.4, 0.5], [0.2, 0.2, 0.2]) == "+3.5"      # diffs 0.1 0.2 0.3: 0.2 / (0.1 / sqrt 3)
     assert fr.paired_t([0.3, 0.5], [0.2, 0.2]) == "+2.0" and fr.paired_t([0.3], [0.2]) == "-"
+
+
+def test_fast_regime_cells_pair_each_schedule_with_the_ablation_and_with_each_other(tmp_path):
+    run, cells = tmp_path / "runs" / "citeulike", tmp_path / "cells"
+    _finished(run, "ref_hetcomp_T40_s0", _metrics(0.50, 50))            # another regime: not read
+    for seed, (epochs_rule, progress_rule, ablation) in enumerate([(0.27, 0.29, 0.28), (0.26, 0.30, 0.28)]):
+        _finished(run, f"fast_hetcomp_T40_s{seed}", _metrics(epochs_rule, 50))
+        _finished(run, f"fast_hetcomp-progress_T40_s{seed}", _metrics(progress_rule, 40))
+        _finished(run, f"fast_final_ensemble_T40_s{seed}", _metrics(ablation, 20))
+    runs = fr._runs(run, cells, write=True, regime="fast")
+    assert sorted(runs) == [("final_ensemble", "40"), ("hetcomp", "40"), ("hetcomp-progress", "40")]
+    assert sorted(p.name for p in cells.iterdir())[0] == "fast_final_ensemble_T40_s0.json"
+    lines = [r for r in fr.comparison(runs).splitlines() if r.count(" | ") >= 7]
+    rows = {(r.split(" | ")[0].strip("| "), r.split(" | ")[2]): r for r in lines}
+    assert "+0.0100 +0.0200" in rows[("HetComp, progress-tied DKC vs ablation", "recall@50")]
+    assert "+0.0200 +0.0400" in rows[("HetComp, progress-tied DKC vs HetComp", "recall@50")]
+    assert "-0.0100 -0.0200" in rows[("HetComp vs ablation", "recall@50")]
+    assert rows[("HetComp, progress-tied DKC vs HetComp", "recall@50")].endswith(
+        "HetComp, progress-tied DKC ahead beyond the spread |")
+    assert "| HetComp, progress-tied DKC vs HetComp | 40 | 0 1 | 0.80 0.80 | 0.80x |" in fr.comparison(runs)

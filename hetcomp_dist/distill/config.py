@@ -35,6 +35,10 @@ class DistillConfig:
     alpha: float = 1.05
     decay: float = 0.995
     dkc_switch: Literal["reference", "strict"] = "reference"   # when L_R replaces L_O (dkc.switched)
+    # epochs: the threshold counts epochs (the reference). progress: a check at which valid select_metric
+    # rose by less than dkc_stall (relative) moves every pair on (dkc.threshold)
+    dkc_schedule: Literal["epochs", "progress"] = "epochs"
+    dkc_stall: float = 0.01
     score_clamp: float = 40.0
     # Debiasing (ALGORITHM.md §7); 0 switches each off, and they combine.
     dissensus_target: float = 0.0    # strategy A, lambda: discount teachers' consensus on popular items in T_u
@@ -66,7 +70,7 @@ class DistillConfig:
     RANGES: ClassVar[tuple[str, ...]] = (
         "dim >= 1", "init_std > 0", "lr > 0", "weight_decay >= 0", "batch_size >= 1", "max_epochs >= 1",
         "max_train_seconds >= 0", "eval_every >= 1", "patience >= 1", "target_size >= 1", "observed_size >= 1",
-        "lo_weight >= 0", "lr_weight >= 0", "temperature > 0", "alpha > 0", "decay > 0", "decay <= 1",
+        "lo_weight >= 0", "lr_weight >= 0", "temperature > 0", "alpha > 0", "decay > 0", "decay <= 1", "dkc_stall >= 0",
         "score_clamp > 0", "dissensus_target >= 0", "dissensus_weight >= 0", "ipw >= 0", "pop_penalty >= 0",
         "sampled_negatives >= 0", "seed >= 0", "threads >= 1", "workers >= 1", "cpus_per_worker >= 0",
         "gpus_per_worker >= 0")

@@ -39,15 +39,32 @@ def discrepancy(student_top: torch.Tensor, targets: torch.Tensor, k: int = DISCR
     return 1.0 - torch.round(ndcg, decimals=4)
 
 
+Schedule = Literal["epochs", "progress"]
+
+
 @dataclass
 class DKCConfig:
     period: int = 10          # p: epochs between decisions
     alpha: float = 1.05
     decay: float = 0.995
+    schedule: Schedule = "epochs"
+    stall: float = 0.01       # progress: a relative valid gain below this is a stall
 
 
-def threshold(epoch: int, cfg: DKCConfig) -> float:
-    """th = alpha * decay^(epoch // p)."""
+def threshold(epoch: int, cfg: DKCConfig, gain: float | None = None) -> float:
+    """The ratio a pair must beat at the check of ``epoch``.
+
+    epochs (the reference): th = alpha * decay^(epoch // p), whatever the student does.
+    progress: the same, except at a check where the student's valid score rose by less than
+    ``stall`` (relative) since the previous evaluation: th = 0 and every pair moves on. A student
+    that has learnt what its current stages teach moves on at once instead of waiting for the
+    epoch count; one that still improves follows the reference.
+
+    Args:
+        gain: the relative change of the valid score since the previous evaluation (None: unknown).
+    """
+    if cfg.schedule == "progress" and gain is not None and gain < cfg.stall:
+        return 0.0
     return cfg.alpha * cfg.decay ** (epoch // cfg.period)
 
 

@@ -106,7 +106,7 @@ class BPRObjective:
     def start_epoch(self) -> None:
         pass
 
-    def after_evaluation(self, epoch: int) -> None:
+    def after_evaluation(self, epoch: int, gain: float | None) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class KDObjective:
         self._rebuild(torch.arange(stop - start))
         self.units, self.n_units, self.unit_range = _units(cfg, data, rank)
         self.train_users = data.train.users()                     # this rank's interactions (global users)
-        self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay)
+        self.dkc = dkc.DKCConfig(cfg.eval_every, cfg.alpha, cfg.decay, cfg.dkc_schedule, cfg.dkc_stall)
         self.phase = "L_O"
 
     def _blocks(self, rows: torch.Tensor):
@@ -239,8 +239,9 @@ class KDObjective:
             return cfg.lo_weight * akt.overall_loss(s_p, s_t, p, t, rest, w).sum()
         return cfg.lr_weight * akt.ranking_loss(s_p, s_t, p, t, rest, w).sum()
 
-    def after_evaluation(self, epoch: int) -> None:
-        """One DKC check every evaluation until DKC ends; targets rebuilt for users whose stage moved."""
+    def after_evaluation(self, epoch: int, gain: float | None) -> None:
+        """One DKC check every evaluation until DKC ends; targets rebuilt for users whose stage moved.
+        ``gain``: valid select_metric's relative change since the previous evaluation (the same on every rank)."""
         if self.cfg.method != "hetcomp" or self.switched:
             return
         moved = []
@@ -256,7 +257,7 @@ class KDObjective:
                 self.last[part] = dkc.discrepancy(top, next_lists(stage)).to(self.last.dtype)
                 continue
             new, last = dkc.step_with(stage, self.last[part], top, next_lists, self.n_stages,
-                                      dkc.threshold(epoch, self.dkc))
+                                      dkc.threshold(epoch, self.dkc, gain))
             self.stage[part], self.last[part] = new.to(self.stage.dtype), last
             moved.append(part[(new != stage).any(1)])
         changed = torch.cat(moved) if moved else torch.zeros(0, dtype=torch.long)

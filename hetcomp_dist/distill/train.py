@@ -232,7 +232,7 @@ class _Run:
         self.student.eval()
         with torch.no_grad(), self.stopping.timing("eval"), self.student.every_item():
             valid = distributed.evaluate(self.student.scores, self.data, "valid", self.ks, self.eval_users)
-            self.objective.after_evaluation(epoch)
+            self.objective.after_evaluation(epoch, self._gain(valid[self.cfg.select_metric]))
         stages = self.objective.info()
         if stages is not None:
             self.progress.append({"epoch": epoch, **stages})
@@ -244,6 +244,11 @@ class _Run:
             self._save_checkpoint(epoch)
         return {"valid": value, "best": self.stopping.best, "best_epoch": self.stopping.best_epoch, "stages": stages,
                 "eval_seconds": self.stopping.eval_seconds}
+
+    def _gain(self, value: float) -> float | None:
+        """Valid select_metric's relative change since the previous evaluation (None at the first)."""
+        previous = self.history[-1]["valid"][self.cfg.select_metric] if self.history else 0.0
+        return value / previous - 1.0 if previous > 0 else None
 
     def _save_checkpoint(self, epoch: int) -> None:
         """Every rank writes its own rows (nothing is gathered); rank 0 also the shared state and,
