@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hetcomp_dist import storage
+from hetcomp_dist import lineage, storage
 from hetcomp_dist.data.dataset import load_dataset
 from hetcomp_dist.data.prepare import prepare
 from hetcomp_dist.distill.config import DistillConfig
@@ -97,6 +97,25 @@ def test_progress_schedule_moves_every_pair_at_each_stalled_check(run, tmp_path)
     assert [p["epoch"] for p in metrics["dkc_progress"][:4]] == [5, 10, 15, 20]
     assert stages[:4] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
     assert [h["phase"] for h in metrics["history"]][3:5] == ["L_O", "L_R"]
+
+
+def test_a_rerun_removes_the_temporaries_of_a_killed_writer(run, tmp_path):
+    """A writer killed between writing its parts and renaming them leaves ``<name>.<token>.tmp`` files;
+    the next run (holding the lease, so no live writer's) removes them and commits a clean output."""
+    ds_uri, uris, _ = run
+    out = tmp_path / "ensemble"
+    strays = [out / "student.pt.c8bd9749f494.tmp", out / "metrics.json.c8bd9749f494.tmp",
+              out / "checkpoints" / "epoch-000005" / "state.pt.0123456789ab.tmp"]
+    for path in strays:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    cfg = _cfg("final_ensemble")
+    cfg.max_epochs = 5
+    with lineage.student_output(str(out), ds_uri, uris):      # as every entry point runs distill
+        distill(ds_uri, uris, cfg, str(out), ks=(10,))
+    assert not any(p.exists() for p in strays)
+    listed = set(storage.read_manifest(str(out))["parts"]) | {"MANIFEST.json"}
+    assert {p.name for p in out.iterdir() if p.is_file()} == listed
 
 
 def test_distilled_student_beats_student_alone(run):

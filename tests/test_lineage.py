@@ -256,3 +256,17 @@ def test_distillation_refuses_a_damaged_trajectory(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=f"{part}: content does not match the manifest"):
         distill_run(cfg)
     assert not storage.exists(cfg.student_uri())
+
+
+def test_train_teachers_removes_a_killed_writers_temporaries(tmp_path: Path) -> None:
+    """Under its lease, train-teachers removes ``<name>.<token>.tmp`` files a killed writer left (no live
+    writer's: the lease is ours); a finished teacher is still skipped, not written again."""
+    cfg = _trained(tmp_path, _csv(tmp_path / "a.csv"))
+    strays = [Path(cfg.layout.trajectory("mf")) / "lists.parquet.c8bd9749f494.tmp",
+              Path(cfg.layout.teachers) / "other" / ("summary.json.tmp-" + "0" * 32)]
+    for path in strays:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    events: list[dict] = []
+    train_teachers(cfg, sequential=True, report=events.append)
+    assert [e["event"] for e in events] == ["skipped"] and not any(p.exists() for p in strays)

@@ -131,6 +131,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     dataset_uri = ensure_dataset(cfg)
     identity = lineage.dataset_identity(dataset_uri)
     with lease.hold(cfg.layout.teachers) as held:   # LeaseHeld: another train-teachers is writing this run
+        storage.sweep_temporaries(cfg.layout.teachers)  # killed writers' leftovers (no live writer's: ours)
         return _train_all(cfg, sequential, report, dataset_uri, identity, devices, held)
 
 
