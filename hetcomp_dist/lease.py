@@ -443,14 +443,19 @@ def acquire_waiting(prefix: str, owner: str | None = None, ttl_s: float = 900.0,
 
 
 @contextlib.contextmanager
-def hold(prefix: str, owner: str | None = None, ttl_s: float = 900.0, wait_s: float | None = None) -> Iterator[Lease]:
+def hold(prefix: str, owner: str | None = None, ttl_s: float = 900.0, wait_s: float | None = None,
+         sweep: bool = False) -> Iterator[Lease]:
     """Hold the lease on ``prefix`` for the block (renewed meanwhile); every manifest committed at or
     under ``prefix`` in this process checks it first. Released (if still ours) on leaving. A held
-    lease is waited for up to ``wait_s`` seconds (default: :func:`wait_setting`)."""
+    lease is waited for up to ``wait_s`` seconds (default: :func:`wait_setting`). With ``sweep``, the
+    writer-private temporaries that killed writers left under ``prefix`` are removed once the lease is
+    ours (no live writer's then; only for a prefix no other lease's output lives under)."""
     lease = acquire_waiting(prefix, owner, ttl_s, wait_setting() if wait_s is None else wait_s)
     renewer = _Renewer(lease)
     renewer.start()
     try:
+        if sweep:
+            storage.sweep_temporaries(prefix)
         with storage.commit_scope(lease.prefix, check=lease.check):
             yield lease
     finally:

@@ -116,8 +116,7 @@ def student_output(out: str, dataset_uri: str, trajectory_uris: Iterable[str]) -
     re-enters the same scope with :func:`worker_scope`.
     """
     identity = check_trajectories(dataset_uri, trajectory_uris)
-    with lease.hold(out) as held:
-        storage.sweep_temporaries(out)      # killed writers' leftovers (we hold the lease: no live writer's)
+    with lease.hold(out, sweep=True) as held:
         drop_foreign_checkpoints(out, identity)
         with storage.commit_scope(out, fields={KEY: identity}):
             yield held, identity

@@ -312,7 +312,7 @@ def prepare(name_or_path: str, out: str, protocol: str | None = None, fmt: str |
     storage.check_writable(out)
     source, default = resolve_source(name_or_path, fmt, columns, id_type, delimiter)
     proto = default_protocol(protocol or default, **protocol_options)
-    with lease.hold(out):
+    with lease.hold(out, sweep=True):
         return _prepare(name_or_path, out, source, proto, fmt, columns, progress)
 
 
@@ -337,7 +337,6 @@ def _prepare(name_or_path: str, out: str, source: Source, proto: Protocol, fmt: 
     }
     config = {"input": name_or_path, "format": fmt, "protocol": dataclasses.asdict(proto),
               "columns": dataclasses.asdict(columns), "id_type": source.id_type}
-    storage.sweep_temporaries(out)          # killed writers' leftovers (we hold the lease: no live writer's)
     with storage.open_output(out, kind="dataset", config=config) as output:
         output.extra.update(meta=meta, dataset=lineage.identity_of(meta))
         for name, s in (("train", TRAIN), ("valid", VALID), ("test", TEST)):

@@ -130,8 +130,7 @@ def train_teachers(cfg: RunConfig, sequential: bool = False,
     report = report or TeacherProgress(cfg.teachers, cfg.layout.tensorboard)
     dataset_uri = ensure_dataset(cfg)
     identity = lineage.dataset_identity(dataset_uri)
-    with lease.hold(cfg.layout.teachers) as held:   # LeaseHeld: another train-teachers is writing this run
-        storage.sweep_temporaries(cfg.layout.teachers)  # killed writers' leftovers (no live writer's: ours)
+    with lease.hold(cfg.layout.teachers, sweep=True) as held:   # LeaseHeld: another train-teachers is writing
         return _train_all(cfg, sequential, report, dataset_uri, identity, devices, held)
 
 
