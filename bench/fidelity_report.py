@@ -94,12 +94,12 @@ def table(runs: dict) -> str:
     return markdown_table(head, rows, numeric=False)
 
 
-def verdict(hetcomp: list[float], ablation: list[float], name: str = "HetComp") -> str:
+def verdict(ours: list[float], theirs: list[float], name: str = "HetComp") -> str:
     """A method's (``name``) paired values against its baseline's (same seeds, in order), in words."""
-    diffs = [h - a for h, a in zip(hetcomp, ablation)]
+    diffs = [h - a for h, a in zip(ours, theirs)]
     if len(diffs) < 2:
         return "one seed: no verdict"
-    spread = max(statistics.stdev(hetcomp), statistics.stdev(ablation))
+    spread = max(statistics.stdev(ours), statistics.stdev(theirs))
     mean = statistics.mean(diffs)
     if abs(mean) > spread and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         return f"{name} {'ahead' if mean > 0 else 'behind'} beyond the spread"
@@ -125,12 +125,13 @@ def comparison(runs: dict) -> str:
         seeds = sorted(set(ours) & set(theirs))
         if not seeds:
             continue
-        pair = f"{LABELS[method].split(' (')[0]} vs {LABELS[base].split(' (')[0]}"
+        name = LABELS[method].split(" (")[0]
+        pair = f"{name} vs {LABELS[base].split(' (')[0]}"
         for k in PAIRED:
             h, a = [ours[s]["test"][k] for s in seeds], [theirs[s]["test"][k] for s in seeds]
             rows.append([pair, temperature, k, " ".join(map(str, seeds)), " ".join(f"{x - y:+.4f}" for x, y in zip(h, a)),
                          f"{100 * statistics.mean(x / y - 1 for x, y in zip(h, a)):+.1f}%", paired_t(h, a),
-                         verdict(h, a, LABELS[method].split(" (")[0])])
+                         verdict(h, a, name)])
         # epochs: the cost free of the host's load, which varied across the sessions a run spans
         epochs = [ours[s]["epochs"] / theirs[s]["epochs"] for s in seeds]
         cost = [ours[s]["train_seconds"] / theirs[s]["train_seconds"] for s in seeds]
